@@ -1,0 +1,470 @@
+"""Strided 2-D convolution ``C`` and its exact adjoint ``C^T`` (the transposed convolution).
+
+Layouts are Flax's: activations NHWC, kernels HWIO (``[kh, kw, C_in, C_out]``).
+
+The one idea in this file
+-------------------------
+A strided convolution is a linear map ``y = C x``. Written out (cross-correlation, as every
+DL framework computes it), with explicit padding ``(lo, hi)`` per spatial axis::
+
+    y[n, o, co] = sum_{j, ci} x[n, o*s - lo + j, ci] * K[j, ci, co]      (o = 0 .. H'-1)
+    H' = floor((H + lo + hi - k) / s) + 1
+
+Its adjoint ``x = C^T y`` satisfies ``<C x, y> = <x, C^T y>`` for all x, y, which gives::
+
+    x[n, i, ci] = sum_{o, co} y[n, o, co] * K[i - o*s + lo, ci, co]
+
+Every name the field uses for this operator is one of three equivalent recipes for it:
+
+* *scatter* (col2im): each ``y[o]`` times the kernel, accumulated into ``x`` at offset ``o*s - lo``;
+* *gather* ("fractionally strided convolution", Theano's ``conv2d_grad_wrt_inputs``, TF's
+  ``conv2d_backprop_input``): insert ``s - 1`` zeros between the entries of ``y``, pad it by
+  ``k - 1 - lo`` before and ``k - 1 - hi + output_padding`` after (a "full" convolution), and
+  cross-correlate with the kernel rotated by 180 degrees with its in/out channels swapped.
+  Substituting ``j' = k - 1 - j`` in the sum above shows why: the flip turns the scatter into a
+  gather, the zero insertion puts each ``y[o]`` at position ``o*s``, and the padding ``k - 1 - lo``
+  re-aligns position 0 of ``x`` with the first tap that touches it;
+* *sub-pixel*: the same gather split by output phase ``i mod s`` into ``s*s`` ordinary stride-1
+  convolutions of the undilated ``y`` with the kernel's phase sub-kernels (never touches zeros).
+
+Input sizes ``H`` that map to the same ``H'`` form a run of ``s`` consecutive integers (the
+floor in the formula above). The transposed convolution cannot know which one was meant;
+``output_padding`` in ``[0, s)`` picks it, exactly as PyTorch's ``ConvTranspose2d`` does::
+
+    H = (H' - 1) * s - (lo + hi) + k + output_padding
+
+``output_padding_for`` computes the value that restores a given input size.
+
+"SAME" and "VALID"
+------------------
+``"VALID"`` is explicit padding ``(0, 0)``. ``"SAME"`` is TensorFlow's rule: ``H' = ceil(H / s)``
+with total padding ``max((H' - 1) * s + k - H, 0)``, the odd pixel going *after*. That padding
+depends on ``H``, so ``conv_transpose(..., padding="SAME", output_padding=p)`` first recovers
+``H = (H' - 1) * s + 1 + p`` (``p`` again indexes the ``s`` sizes with the same ``H'``; TF's and
+Keras' ``Conv2DTranspose`` default ``H = H' * s`` is ``p = s - 1``), then resolves the explicit
+padding of the forward "SAME" conv on that ``H`` and transposes that.
+
+Implementations of ``conv_transpose``
+-------------------------------------
+``"lax"``: ``jax.lax.conv_transpose`` (zero insertion via ``lhs_dilation``) with a custom VJP.
+``"subpixel"``: the phase decomposition, also with a custom VJP. Both compute the same operator;
+the tests run every identity against each. ``conv_transpose`` picks one with ``impl=``.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Sequence
+from typing import Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+__all__ = [
+    "conv",
+    "conv_transpose",
+    "conv_transpose_autodiff",
+    "conv_output_size",
+    "conv_transpose_output_size",
+    "output_padding_for",
+    "resolve_padding",
+    "IMPLEMENTATIONS",
+]
+
+Pair = tuple[int, int]
+PaddingLike = Union[str, int, Sequence[int], Sequence[Sequence[int]]]
+_DN = ("NHWC", "HWIO", "NHWC")
+
+# jax-ml/jax#32267 / PR #32268 (2025): `lax.conv_transpose` gained `use_consistent_padding`.
+# With it False (or on JAX versions that predate it), explicit integer padding is the padding of
+# the *transposed* (dilated) convolution itself, which is what we compute and pass below. We
+# always pass explicit pads and pin that reading here instead of relying on a default that has
+# changed; tests/test_ops.py checks the result against independent references either way.
+_CT_KWARGS = (
+    {"use_consistent_padding": False}
+    if "use_consistent_padding" in inspect.signature(lax.conv_transpose).parameters
+    else {}
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# Argument normalisation and shape arithmetic
+# ----------------------------------------------------------------------------------------------
+
+
+def _as_int(v, name: str) -> int:
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+        raise ValueError(f"{name} must be an int, got {v!r}")
+    return int(v)
+
+
+def _pair(v, name: str) -> Pair:
+    """int | (a, b) -> (a, b) of Python ints."""
+    if isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)):
+        return (int(v), int(v))
+    if isinstance(v, Sequence) and not isinstance(v, str) and len(v) == 2:
+        return (_as_int(v[0], name), _as_int(v[1], name))
+    raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
+
+
+def _strides(strides) -> Pair:
+    s = _pair(strides, "strides")
+    if min(s) < 1:
+        raise ValueError(f"strides={strides!r}: each stride must be >= 1")
+    return s
+
+
+def _kernel_hw(kernel) -> Pair:
+    if getattr(kernel, "ndim", None) != 4:
+        raise ValueError(
+            f"kernel must have rank 4 [kh, kw, C_in, C_out] (HWIO), got shape "
+            f"{getattr(kernel, 'shape', None)}"
+        )
+    return (int(kernel.shape[0]), int(kernel.shape[1]))
+
+
+def _same_pads(size: int, k: int, s: int) -> Pair:
+    """TensorFlow's "SAME": out = ceil(size / s); the odd padding pixel goes after."""
+    out = -(-size // s)
+    total = max((out - 1) * s + k - size, 0)
+    return (total // 2, total - total // 2)
+
+
+def resolve_padding(padding: PaddingLike, input_hw: Sequence[int], kernel_hw: Sequence[int],
+                    strides) -> tuple[Pair, Pair]:
+    """Any accepted padding spec -> ``((top, bottom), (left, right))`` of the forward conv.
+
+    ``padding``: ``int | (ph, pw) | ((top, bottom), (left, right)) | "SAME" | "VALID"``.
+    ``input_hw`` is the forward conv's input size (needed only for ``"SAME"``).
+    """
+    sh, sw = _strides(strides)
+    kh, kw = (int(k) for k in kernel_hw)
+    if isinstance(padding, str):
+        mode = padding.upper()
+        if mode == "VALID":
+            return ((0, 0), (0, 0))
+        if mode == "SAME":
+            return (_same_pads(int(input_hw[0]), kh, sh), _same_pads(int(input_hw[1]), kw, sw))
+        raise ValueError(f"padding={padding!r}: allowed strings are 'SAME' and 'VALID'")
+    try:
+        if isinstance(padding, Sequence) and len(padding) == 2 and all(
+            isinstance(p, Sequence) and not isinstance(p, str) for p in padding
+        ):
+            pads = (_pair(padding[0], "padding"), _pair(padding[1], "padding"))
+        else:
+            ph, pw = _pair(padding, "padding")
+            pads = ((ph, ph), (pw, pw))
+    except ValueError:
+        raise ValueError(
+            f"padding={padding!r}: allowed are an int, (ph, pw), ((top, bottom), (left, right)), "
+            "'SAME' or 'VALID'"
+        ) from None
+    if min(min(p) for p in pads) < 0:
+        raise ValueError(f"padding={padding!r}: every padding amount must be >= 0")
+    return pads
+
+
+def conv_output_size(size: int, kernel_size: int, stride: int, pad: Pair) -> int:
+    """Forward conv along one axis: ``floor((size + lo + hi - k) / s) + 1``."""
+    return (size + pad[0] + pad[1] - kernel_size) // stride + 1
+
+
+def conv_transpose_output_size(size: int, kernel_size: int, stride: int, pad: Pair,
+                               output_padding: int = 0) -> int:
+    """Transposed conv along one axis: ``(size - 1) * s - (lo + hi) + k + output_padding``."""
+    return (size - 1) * stride - (pad[0] + pad[1]) + kernel_size + output_padding
+
+
+def output_padding_for(input_hw: Sequence[int], kernel_hw: Sequence[int], strides,
+                       padding: PaddingLike) -> Pair:
+    """The ``output_padding`` that makes ``conv_transpose`` restore ``input_hw`` exactly.
+
+    For a forward ``conv`` with input spatial size ``input_hw``, returns ``(op_h, op_w)`` such
+    that ``conv_transpose(conv(x, k, s, p), k, s, p, output_padding=...)`` has ``x``'s size.
+    Example: k=3, s=2, p=1: 7 -> 4 -> 7 needs 0; 14 -> 7 -> 14 needs 1.
+    """
+    s = _strides(strides)
+    hw = tuple(int(v) for v in input_hw)
+    kernel_hw = tuple(int(v) for v in kernel_hw)
+    pads = resolve_padding(padding, hw, kernel_hw, s)
+    out = []
+    for size, k, st, pad in zip(hw, kernel_hw, s, pads):
+        if size + pad[0] + pad[1] < k:
+            raise ValueError(
+                f"kernel size {k} is larger than the padded input {size}+{pad[0]}+{pad[1]}"
+            )
+        small = conv_transpose_output_size(conv_output_size(size, k, st, pad), k, st, pad)
+        if isinstance(padding, str) and padding.upper() == "SAME":
+            # SAME's own indexing (see module docstring): H = (H' - 1) * s + 1 + op.
+            small = (conv_output_size(size, k, st, pad) - 1) * st + 1
+        out.append(size - small)
+    return (out[0], out[1])
+
+
+def _transpose_geometry(y_hw: Sequence[int], kernel_hw: Pair, strides: Pair,
+                        padding: PaddingLike, output_padding) -> tuple[tuple[Pair, Pair], Pair]:
+    """Resolve conv_transpose's arguments to the forward conv's explicit pads and the explicit
+    output_padding, validating ranges. Returns ``(pads, output_padding)``."""
+    op = _pair(output_padding, "output_padding")
+    if any(not 0 <= o < s for o, s in zip(op, strides)):
+        raise ValueError(
+            f"output_padding={output_padding!r} out of range: need 0 <= output_padding < "
+            f"strides={strides} per axis"
+        )
+    if isinstance(padding, str) and padding.upper() == "SAME":
+        # Which forward input size is meant: H = (H' - 1) * s + 1 + op (module docstring).
+        x_hw = [(h - 1) * s + 1 + o for h, s, o in zip(y_hw, strides, op)]
+        pads = resolve_padding(padding, x_hw, kernel_hw, strides)
+        op = tuple(
+            x - conv_transpose_output_size(h, k, s, p)
+            for x, h, k, s, p in zip(x_hw, y_hw, kernel_hw, strides, pads)
+        )
+    else:
+        pads = resolve_padding(padding, (0, 0), kernel_hw, strides)
+    for h, k, s, p, o, axis in zip(y_hw, kernel_hw, strides, pads, op, "HW"):
+        if conv_transpose_output_size(h, k, s, p, o) < 1:
+            raise ValueError(
+                f"conv_transpose output {axis} would be "
+                f"{conv_transpose_output_size(h, k, s, p, o)} < 1 for input {axis}={h}, "
+                f"kernel {k}, stride {s}, padding {p}: reduce the padding"
+            )
+    return pads, (int(op[0]), int(op[1]))
+
+
+def _check_input(a, name: str):
+    if getattr(a, "ndim", None) != 4:
+        raise ValueError(f"{name} must have rank 4 [N, H, W, C], got shape {jnp.shape(a)}")
+
+
+def _accum_type(*arrays):
+    """bf16/f16 inputs accumulate in f32 (the result is cast back)."""
+    dt = jnp.result_type(*arrays)
+    return jnp.float32 if jnp.issubdtype(dt, jnp.floating) and jnp.finfo(dt).bits < 32 else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward convolution C
+# ----------------------------------------------------------------------------------------------
+
+
+def _conv_explicit(x, kernel, strides: Pair, pads: tuple[Pair, Pair]):
+    acc = _accum_type(x, kernel)
+    out = lax.conv_general_dilated(
+        x, kernel, window_strides=strides, padding=pads, dimension_numbers=_DN,
+        preferred_element_type=acc,
+    )
+    return out.astype(jnp.result_type(x, kernel))
+
+
+def conv(x: jax.Array, kernel: jax.Array, strides=1, padding: PaddingLike = 0) -> jax.Array:
+    """2-D cross-correlation ``y = C x`` (what DL frameworks call conv).
+
+    x: [N, H, W, C_in]; kernel: [kh, kw, C_in, C_out] (HWIO); strides: int | (sh, sw);
+    padding: int | (ph, pw) | ((top, bottom), (left, right)) | "SAME" | "VALID".
+    Returns y: [N, H', W', C_out], ``H' = floor((H + top + bottom - kh) / sh) + 1``.
+    Plain ``lax.conv_general_dilated``: its autodiff is already the transposed conv.
+    """
+    _check_input(x, "x")
+    khw = _kernel_hw(kernel)
+    s = _strides(strides)
+    if x.shape[-1] != kernel.shape[2]:
+        raise ValueError(
+            f"channel mismatch: x has C_in={x.shape[-1]} but kernel [kh, kw, C_in, C_out] has "
+            f"C_in={kernel.shape[2]}"
+        )
+    pads = resolve_padding(padding, x.shape[1:3], khw, s)
+    for size, k, p, axis in zip(x.shape[1:3], khw, pads, "HW"):
+        if size + p[0] + p[1] < k:
+            raise ValueError(
+                f"kernel size {k} along {axis} is larger than the padded input "
+                f"{size}+{p[0]}+{p[1]}={size + p[0] + p[1]}: need kernel <= padded input"
+            )
+    return _conv_explicit(x, kernel, s, pads)
+
+
+# ----------------------------------------------------------------------------------------------
+# Transposed convolution C^T, "lax" implementation
+# ----------------------------------------------------------------------------------------------
+
+
+def _dilated_pads(kernel_hw: Pair, pads: tuple[Pair, Pair], op: Pair) -> list[Pair]:
+    # The "full" padding of the gather form: k - 1 - lo before, k - 1 - hi + output_padding after
+    # (negative values crop, which lax supports). See the module docstring for the derivation.
+    return [(k - 1 - p[0], k - 1 - p[1] + o) for k, p, o in zip(kernel_hw, pads, op)]
+
+
+def _conv_transpose_lax_fwd_only(y, kernel, strides, pads, op):
+    acc = _accum_type(y, kernel)
+    out = lax.conv_transpose(
+        y, kernel, strides, _dilated_pads(_kernel_hw(kernel), pads, op),
+        dimension_numbers=_DN,
+        transpose_kernel=True,  # rotate 180 degrees and swap I/O: the kernel of C, used for C^T
+        preferred_element_type=acc, **_CT_KWARGS,
+    )
+    return out.astype(jnp.result_type(y, kernel))
+
+
+def _kernel_cotangent(g, y, kernel_hw: Pair, strides: Pair, pads: tuple[Pair, Pair], op: Pair,
+                      dtype):
+    """d<C^T y, g>/dK as one convolution, the "backward-filter" conv.
+
+    From ``x[i] = sum_o y[o] K[i - o*s + lo]``:  ``dK[j, ci, co] = sum_{n,o} g[n, o*s - lo + j, ci]
+    * y[n, o, co]``. That is a stride-1 correlation over space of ``g`` (batch axis moved into
+    the contracted "feature" slot, channels into the "batch" slot) with ``y`` as the kernel,
+    dilated by ``s`` (taps of ``y`` are ``s`` apart in ``g``), padded ``lo`` before and
+    ``hi - output_padding`` after so the output is exactly ``k`` long.
+    g: [N, H, W, C_in]; y: [N, H', W', C_out]; returns [kh, kw, C_in, C_out].
+    """
+    acc = _accum_type(g, y)
+    dk = lax.conv_general_dilated(
+        g, y, window_strides=(1, 1),
+        padding=[(p[0], p[1] - o) for p, o in zip(pads, op)],
+        rhs_dilation=strides,
+        dimension_numbers=("CHWN", "IHWO", "HWNC"),
+        preferred_element_type=acc,
+    )
+    assert dk.shape[:2] == tuple(kernel_hw), (dk.shape, kernel_hw)
+    return dk.astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv_transpose_lax(y, kernel, strides, pads, op):
+    return _conv_transpose_lax_fwd_only(y, kernel, strides, pads, op)
+
+
+def _conv_transpose_fwd(y, kernel, strides, pads, op):
+    return _conv_transpose_lax_fwd_only(y, kernel, strides, pads, op), (y, kernel)
+
+
+def _conv_transpose_bwd(strides, pads, op, res, g):
+    y, kernel = res
+    # Cotangent for y: (C^T)^T g = C g, i.e. the forward strided conv of g, same kernel/pads.
+    # No zeros are inserted anywhere: this is as cheap as the encoder's own conv.
+    g_y = _conv_explicit(g, kernel, strides, pads).astype(y.dtype)
+    g_k = _kernel_cotangent(g, y, _kernel_hw(kernel), strides, pads, op, kernel.dtype)
+    return g_y, g_k
+
+
+_conv_transpose_lax.defvjp(_conv_transpose_fwd, _conv_transpose_bwd)
+
+
+# ----------------------------------------------------------------------------------------------
+# Transposed convolution C^T, "subpixel" implementation
+# ----------------------------------------------------------------------------------------------
+
+
+def _subpixel_axis_plan(k: int, s: int, lo: int, n_in: int, n_out: int):
+    """Per-phase plan along one axis for the sub-pixel form.
+
+    Output position ``i = q*s + r`` (phase r) receives ``y[o] K[j]`` with ``j = i - o*s + lo``,
+    i.e. taps ``j = j0 + m*s`` (``j0 = (r + lo) mod s``) meeting ``o = q + c - m`` with
+    ``c = (r + lo - j0) / s``. So phase r is a stride-1 correlation of y with the sub-kernel
+    ``K[j0::s]`` reversed, with y padded so that output q reads ``y[q + c - M + 1 .. q + c]``.
+    Returns a list over r of ``(j0, taps M, pad_before, pad_after, n_q)``.
+    """
+    plan = []
+    for r in range(s):
+        n_q = -(-(n_out - r) // s) if n_out > r else 0  # number of q with q*s + r < n_out
+        j0 = (r + lo) % s
+        m = len(range(j0, k, s))
+        c = (r + lo - j0) // s
+        # Correlation output q reads padded-y indices q .. q+M-1 == y[q + c - M + 1 .. q + c].
+        before = m - 1 - c
+        after = (n_q - 1 + c) - (n_in - 1) if n_q > 0 else 0
+        plan.append((j0, m, before, after, n_q))
+    return plan
+
+
+def _conv_transpose_subpixel_fwd_only(y, kernel, strides, pads, op):
+    """C^T y as s_h*s_w stride-1 convs of the undilated y, interleaved (depth-to-space)."""
+    n, h, w, _ = y.shape
+    kh, kw, c_in, _ = kernel.shape
+    sh, sw = strides
+    out_h = conv_transpose_output_size(h, kh, sh, pads[0], op[0])
+    out_w = conv_transpose_output_size(w, kw, sw, pads[1], op[1])
+    plan_h = _subpixel_axis_plan(kh, sh, pads[0][0], h, out_h)
+    plan_w = _subpixel_axis_plan(kw, sw, pads[1][0], w, out_w)
+    acc = _accum_type(y, kernel)
+    dtype = jnp.result_type(y, kernel)
+    # Phases share a common q-grid: pad every phase's output to the max count, then interleave.
+    q_h = -(-out_h // sh)
+    q_w = -(-out_w // sw)
+    rows = []
+    for (j0h, mh, bh, ah, nqh) in plan_h:
+        cols = []
+        for (j0w, mw, bw, aw, nqw) in plan_w:
+            if mh == 0 or mw == 0 or nqh == 0 or nqw == 0:
+                cols.append(jnp.zeros((n, q_h, q_w, c_in), dtype))
+                continue
+            # Sub-kernel for this phase, flipped (gather) and I/O swapped: [mh, mw, C_out, C_in].
+            sub = kernel[j0h::sh, j0w::sw][::-1, ::-1].transpose(0, 1, 3, 2)
+            # Negative pads mean "drop those rows of y": slice rather than pass negative
+            # padding to XLA (its CPU conv mis-handled that for C_out > 1 in our tests).
+            yy = y[:, max(-bh, 0):h - max(-ah, 0), max(-bw, 0):w - max(-aw, 0)]
+            part = lax.conv_general_dilated(
+                yy, sub, window_strides=(1, 1),
+                padding=[(max(bh, 0), max(ah, 0)), (max(bw, 0), max(aw, 0))],
+                dimension_numbers=_DN, preferred_element_type=acc,
+            ).astype(dtype)
+            part = jnp.pad(part, ((0, 0), (0, q_h - nqh), (0, q_w - nqw), (0, 0)))
+            cols.append(part)
+        rows.append(jnp.stack(cols, axis=3))  # [N, q_h, q_w, sw, C]
+    z = jnp.stack(rows, axis=2)  # [N, q_h, sh, q_w, sw, C]
+    z = z.reshape(n, q_h * sh, q_w * sw, c_in)
+    return z[:, :out_h, :out_w]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv_transpose_subpixel(y, kernel, strides, pads, op):
+    return _conv_transpose_subpixel_fwd_only(y, kernel, strides, pads, op)
+
+
+def _conv_transpose_subpixel_fwd(y, kernel, strides, pads, op):
+    return _conv_transpose_subpixel_fwd_only(y, kernel, strides, pads, op), (y, kernel)
+
+
+# The backward pass is the same math whatever computed the forward: reuse it.
+_conv_transpose_subpixel.defvjp(_conv_transpose_subpixel_fwd, _conv_transpose_bwd)
+
+
+IMPLEMENTATIONS = {"lax": _conv_transpose_lax, "subpixel": _conv_transpose_subpixel}
+DEFAULT_IMPL = "lax"
+
+
+def conv_transpose(y: jax.Array, kernel: jax.Array, strides=1, padding: PaddingLike = 0,
+                   output_padding=0, *, impl: str | None = None) -> jax.Array:
+    """Transposed convolution ``x = C^T y``: the exact adjoint of ``conv(., kernel, strides,
+    padding)``. Pass the *same* kernel, strides and padding as the forward conv.
+
+    y: [N, H', W', C_out]; kernel: [kh, kw, C_in, C_out] (HWIO, the forward conv's kernel);
+    output_padding: int | (op_h, op_w), each in ``[0, stride)``.
+    Returns x: [N, H, W, C_in] with ``H = (H' - 1) * sh - (top + bottom) + kh + op_h``.
+    ``<conv(x, k), y> == <x, conv_transpose(y, k)>`` for all x, y of matching shapes.
+    """
+    _check_input(y, "y")
+    khw = _kernel_hw(kernel)
+    s = _strides(strides)
+    if y.shape[-1] != kernel.shape[3]:
+        raise ValueError(
+            f"channel mismatch: y has C={y.shape[-1]} but kernel [kh, kw, C_in, C_out] has "
+            f"C_out={kernel.shape[3]} (conv_transpose takes the forward conv's kernel)"
+        )
+    name = DEFAULT_IMPL if impl is None else impl
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(f"impl={impl!r}: allowed are {sorted(IMPLEMENTATIONS)}")
+    pads, op = _transpose_geometry(y.shape[1:3], khw, s, padding, output_padding)
+    return IMPLEMENTATIONS[name](y, kernel, s, pads, op)
+
+
+def conv_transpose_autodiff(y: jax.Array, kernel: jax.Array, strides=1,
+                            padding: PaddingLike = 0, output_padding=0) -> jax.Array:
+    """Same operator as ``conv_transpose`` but plain ``lax.conv_transpose`` with JAX's own
+    autodiff: the baseline the custom VJPs are tested and benchmarked against."""
+    _check_input(y, "y")
+    khw = _kernel_hw(kernel)
+    s = _strides(strides)
+    pads, op = _transpose_geometry(y.shape[1:3], khw, s, padding, output_padding)
+    return _conv_transpose_lax_fwd_only(y, kernel, s, pads, op)
