@@ -1,0 +1,303 @@
+"""Typed experiment configuration: dataclasses, YAML files, strict ``--set`` overrides.
+
+A config is a YAML file with four sections (``data``, ``model``, ``train``, ``output``) whose keys
+are exactly the fields below. Unknown keys, wrong types and out-of-range values are rejected with
+a one-line :class:`ConfigError` naming the dotted key, the bad value and what is allowed.
+``--set model.features=[32,64,16]`` values are parsed as YAML, then checked like the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import types
+import typing
+from typing import Any, Literal, Union
+
+import yaml
+
+__all__ = [
+    "Config", "DataConfig", "ModelConfig", "TrainConfig", "OutputConfig", "ConfigError",
+    "load_config", "apply_overrides", "from_dict", "to_dict", "to_yaml", "per_layer",
+]
+
+ACTIVATIONS = ("relu", "leaky_relu", "gelu", "silu", "elu", "tanh")
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file or override; its message is one line."""
+
+
+@dataclasses.dataclass
+class DataConfig:
+    name: str = "mnist"  # any TFDS image dataset: mnist, fashion_mnist, kmnist, emnist/letters...
+    data_dir: str | None = None  # None: TFDS's default (honors TFDS_DATA_DIR)
+    manual_dir: str | None = None  # None: $CAE_MANUAL_DIR; folder with the original archives
+    max_train_examples: int | None = None  # None: the whole train split (smaller for smoke runs)
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    features: list[int] = dataclasses.field(default_factory=lambda: [32, 64, 16])
+    # Each of these is one value for every layer or a list with one value per layer.
+    kernel_size: int | list[int] = 3
+    strides: int | list[int] = 2
+    padding: int | str | list[int | str] = 1  # ints, "SAME" or "VALID"
+    tied: bool = True  # decoder layer i reuses encoder layer i's kernel array
+    activation: Literal[ACTIVATIONS] = "relu"
+    conv_transpose_impl: Literal["lax", "subpixel"] = "lax"
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    epochs: int = 2
+    batch_size: int = 128
+    eval_batch_size: int = 1000
+    learning_rate: float = 2e-3
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    weight_decay: float = 0.0  # adamw only
+    schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = 0
+    loss: Literal["bce", "mse"] = "bce"  # bce on logits, or mse on sigmoid outputs
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class OutputConfig:
+    dir: str = "runs/default"
+    overwrite: bool = False  # allow replacing a *finished* run in output.dir
+    num_images: int = 8  # test images shown in reconstructions.png
+    progress: Literal["auto", "on", "off"] = "auto"  # auto: a bar only on a terminal
+
+
+@dataclasses.dataclass
+class Config:
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    output: OutputConfig = dataclasses.field(default_factory=OutputConfig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Type checking against the dataclass annotations
+# ----------------------------------------------------------------------------------------------
+
+
+def _describe(tp) -> str:
+    origin = typing.get_origin(tp)
+    if tp is type(None):
+        return "null"
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_describe(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of ({_describe(typing.get_args(tp)[0])})"
+    return tp.__name__
+
+
+def _coerce(value, tp, key: str):
+    """Return ``value`` checked against (and lightly normalised to) type ``tp``."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"{key}={value!r}: expected {_describe(tp)}")
+    if origin in (Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                continue
+        raise bad
+    if origin is Literal:
+        if isinstance(value, str) and value in typing.get_args(tp):
+            return value
+        raise ConfigError(f"{key}={value!r}: allowed are {_describe(tp)}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is type(None):
+        if value is None:
+            return None
+        raise bad
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad
+    if tp is float:
+        # YAML 1.1 reads "1e-3" (no dot) as a string; accept any spelling float() accepts.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    raise TypeError(f"unsupported annotation {tp!r} for {key}")  # a bug in this file
+
+
+def _section_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def from_dict(raw: Any) -> Config:
+    """Nested dict (e.g. from YAML) -> validated :class:`Config`. Missing keys take defaults."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config must be a mapping of sections, got {type(raw).__name__}")
+    sections = _section_types(Config)
+    unknown = sorted(set(raw) - set(sections))
+    if unknown:
+        raise ConfigError(f"unknown section {unknown[0]!r}: allowed are {sorted(sections)}")
+    built = {}
+    for name, cls in sections.items():
+        values = raw.get(name) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{name}: expected a mapping of keys, got {values!r}")
+        types_ = _section_types(cls)
+        unknown = sorted(set(values) - set(types_))
+        if unknown:
+            raise ConfigError(
+                f"unknown key {name}.{unknown[0]}: allowed in {name} are {sorted(types_)}"
+            )
+        kwargs = {k: _coerce(v, types_[k], f"{name}.{k}") for k, v in values.items()}
+        built[name] = cls(**kwargs)
+    cfg = Config(**built)
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Ranges
+# ----------------------------------------------------------------------------------------------
+
+
+def per_layer(value, n: int, key: str) -> list:
+    """A scalar or an n-long list -> an n-long list (one value per encoder layer)."""
+    if isinstance(value, list):
+        if len(value) != n:
+            raise ConfigError(
+                f"{key}={value!r}: a list needs one value per layer ({n} = len(model.features)), "
+                "or give a single value"
+            )
+        return list(value)
+    return [value] * n
+
+
+def _require(ok: bool, key: str, value, allowed: str):
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: {allowed}")
+
+
+def validate(cfg: Config) -> None:
+    m, t, d, o = cfg.model, cfg.train, cfg.data, cfg.output
+    _require(bool(d.name.strip()), "data.name", d.name, "must be a TFDS dataset name")
+    _require(d.max_train_examples is None or d.max_train_examples >= 1,
+             "data.max_train_examples", d.max_train_examples, "must be >= 1 or null")
+    _require(len(m.features) >= 1, "model.features", m.features, "need at least one layer")
+    for i, f in enumerate(m.features):
+        _require(f >= 1, f"model.features[{i}]", f, "channel counts must be >= 1")
+    n = len(m.features)
+    for i, k in enumerate(per_layer(m.kernel_size, n, "model.kernel_size")):
+        _require(k >= 1, f"model.kernel_size[{i}]" if isinstance(m.kernel_size, list)
+                 else "model.kernel_size", k, "must be >= 1")
+    for i, s in enumerate(per_layer(m.strides, n, "model.strides")):
+        _require(s >= 1, f"model.strides[{i}]" if isinstance(m.strides, list)
+                 else "model.strides", s, "must be >= 1")
+    for i, p in enumerate(per_layer(m.padding, n, "model.padding")):
+        key = f"model.padding[{i}]" if isinstance(m.padding, list) else "model.padding"
+        if isinstance(p, str):
+            _require(p.upper() in ("SAME", "VALID"), key, p, "allowed are an int >= 0, "
+                     "'SAME' or 'VALID'")
+        else:
+            _require(p >= 0, key, p, "allowed are an int >= 0, 'SAME' or 'VALID'")
+    _require(t.epochs >= 1, "train.epochs", t.epochs, "must be >= 1")
+    _require(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1")
+    _require(t.eval_batch_size >= 1, "train.eval_batch_size", t.eval_batch_size, "must be >= 1")
+    _require(math.isfinite(t.learning_rate) and t.learning_rate > 0, "train.learning_rate",
+             t.learning_rate, "must be a finite number > 0")
+    _require(math.isfinite(t.weight_decay) and t.weight_decay >= 0, "train.weight_decay",
+             t.weight_decay, "must be a finite number >= 0")
+    _require(t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps, "must be >= 0")
+    _require(t.seed >= 0, "train.seed", t.seed, "must be >= 0")
+    _require(bool(o.dir.strip()), "output.dir", o.dir, "must be a directory path")
+    _require(o.num_images >= 1, "output.num_images", o.num_images, "must be >= 1")
+
+
+# ----------------------------------------------------------------------------------------------
+# Files and overrides
+# ----------------------------------------------------------------------------------------------
+
+
+def read_yaml_file(path: str | os.PathLike) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"--config {path}: file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"--config {path}: is a directory, expected a YAML file") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(e, "problem", None) or "invalid YAML"
+        raise ConfigError(f"--config {path}: malformed YAML{where}: {problem}") from None
+    except OSError as e:
+        raise ConfigError(f"--config {path}: cannot read: {e.strerror}") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of sections (data, model, ...)")
+    return raw or {}
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``section.key=value`` strings (value parsed as YAML) to a raw config dict."""
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    sections = _section_types(Config)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. train.epochs=3")
+        parts = key.split(".")
+        if len(parts) != 2 or parts[0] not in sections:
+            raise ConfigError(
+                f"--set {key}: expected section.key with section one of {sorted(sections)}"
+            )
+        section, name = parts
+        allowed = _section_types(sections[section])
+        if name not in allowed:
+            raise ConfigError(f"--set {key}: unknown key; allowed in {section} are "
+                              f"{sorted(allowed)}")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {key}={text!r}: value is not valid YAML") from None
+        target = raw.setdefault(section, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"{section}: expected a mapping of keys, got {target!r}")
+        target[name] = value
+    return raw
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config, apply ``--set`` overrides, validate. Raises :class:`ConfigError`."""
+    return from_dict(apply_overrides(read_yaml_file(path), list(overrides or [])))

@@ -1,0 +1,197 @@
+"""TFDS image datasets as in-memory uint8 arrays.
+
+TFDS is the only source. Small image datasets (MNIST is 47 MB as uint8) are loaded once per split
+as NumPy arrays and batched from memory; nothing is streamed from disk per step. Images stay
+uint8 on the host and are scaled to [0, 1] float32 inside the jitted steps (4x less to copy).
+
+Offline use: ``manual_dir`` (default ``$CAE_MANUAL_DIR``) is a folder holding the dataset's
+original download archives (for MNIST the four ``*-ubyte.gz`` files). TFDS is handed that folder
+as its manual dir and prepares the dataset from it with its own checksum verification.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import logging
+import os
+import socket
+import urllib.parse
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["Dataset", "DataError", "load_dataset", "import_tfds", "normalize"]
+
+MANUAL_DIR_ENV = "CAE_MANUAL_DIR"
+
+
+class DataError(RuntimeError):
+    """The requested data cannot be had; the message is one line saying what to provide."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """train: [N, H, W, C] uint8; test: [M, H, W, C] uint8 (TFDS's ``test`` split, all of it)."""
+
+    name: str
+    train: np.ndarray
+    test: np.ndarray
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train.shape[1:])
+
+
+def normalize(images):
+    """uint8 [..., H, W, C] -> float32 in [0, 1]. Works on NumPy and JAX arrays."""
+    return images.astype("float32") / 255.0
+
+
+def import_tfds():
+    """Import TensorFlow Datasets quietly, with TensorFlow kept off any GPU.
+
+    TensorFlow is only TFDS's I/O backend here; if it claimed GPU memory it would take it from
+    JAX, so GPUs are hidden from it before anything else touches TensorFlow.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+
+    with contextlib.suppress(RuntimeError, ValueError):  # already initialised: nothing to do
+        tf.config.set_visible_devices([], "GPU")
+    with contextlib.suppress(Exception):
+        import absl.logging
+
+        absl.logging.set_verbosity(absl.logging.ERROR)
+    tf.get_logger().setLevel("ERROR")
+    tfds.disable_progress_bar()
+    logging.getLogger("urllib3").setLevel(logging.ERROR)  # download retries are not news
+    return tfds
+
+
+@contextlib.contextmanager
+def _prepare_lock(data_dir: Path):
+    """Serialise preparation between processes (e.g. parallel test workers) sharing a data dir."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with open(data_dir / ".cae-prepare.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _needed_files(builder) -> list[str]:
+    try:
+        return sorted({info.filename or url.rsplit("/", 1)[-1]
+                       for url, info in builder.url_infos.items()})
+    except Exception:  # builders without registered checksums
+        return []
+
+
+def _builder(tfds, name: str, data_dir: str | None):
+    try:
+        return tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise DataError(
+            f"data.name={name!r}: not a TFDS dataset; image datasets that work include "
+            "'mnist', 'fashion_mnist', 'kmnist', 'emnist/letters', 'cifar10'"
+        ) from None
+    except Exception as e:  # e.g. an unknown config in "emnist/xyz"
+        raise DataError(f"data.name={name!r}: {str(e).splitlines()[0]}") from None
+
+
+def _image_key(builder, name: str) -> str:
+    features = builder.info.features
+    keys = [k for k, f in features.items() if type(f).__name__ == "Image"]
+    if "image" in keys:
+        return "image"
+    if len(keys) == 1:
+        return keys[0]
+    raise DataError(
+        f"data.name={name!r}: not an image dataset with one image feature "
+        f"(features: {sorted(features.keys())})"
+    )
+
+
+def _reachable(builder, timeout: float = 5.0) -> bool:
+    """Can we open a TCP connection to the first download host? TFDS would otherwise retry for
+    minutes on a machine without network before failing."""
+    urls = list(getattr(builder, "url_infos", None) or {})
+    if not urls:
+        return True  # nothing registered to probe: let TFDS try
+    url = urllib.parse.urlsplit(urls[0])
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _prepare(tfds, builder, name: str, manual_dir: str | None) -> None:
+    files = _needed_files(builder)
+    listed = ", ".join(files) or "its original download archives"
+    if manual_dir is not None:
+        if not Path(manual_dir).is_dir():
+            raise DataError(f"data.manual_dir={manual_dir!r}: no such folder; it must hold "
+                            f"{name}'s original archives: {listed}")
+        missing = [f for f in files if not (Path(manual_dir) / f).is_file()]
+        if missing and not _reachable(builder):
+            raise DataError(f"data.manual_dir={manual_dir!r} lacks {', '.join(missing)}: the "
+                            f"original archives TFDS needs to prepare {name!r} offline")
+    elif not _reachable(builder):
+        raise DataError(
+            f"data.name={name!r} is not prepared in {Path(builder.data_dir).parents[1]} and "
+            f"there is no network: set data.manual_dir (or ${MANUAL_DIR_ENV}) to a folder "
+            f"holding {listed}"
+        )
+    config = tfds.download.DownloadConfig(manual_dir=manual_dir)
+    with _prepare_lock(Path(builder.data_dir).parents[1]):
+        if builder.is_prepared():  # another process prepared it while we waited
+            return
+        try:
+            builder.download_and_prepare(download_config=config)
+        except Exception as e:
+            where = (f"data.manual_dir={manual_dir!r} lacks them or they are corrupt"
+                     if manual_dir else f"set data.manual_dir or ${MANUAL_DIR_ENV}")
+            first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+            raise DataError(
+                f"data.name={name!r}: cannot prepare it in {builder.data_dir!s} (no network?): "
+                f"provide a folder holding {listed} ({where}); TFDS said: {first}"
+            ) from None
+
+
+def load_dataset(name: str = "mnist", data_dir: str | None = None,
+                 manual_dir: str | None = None, max_train_examples: int | None = None) -> Dataset:
+    """Prepare (once, offline if ``manual_dir`` is given) and load ``name``'s train and test
+    splits into memory as uint8 ``[N, H, W, C]`` arrays. Raises :class:`DataError`."""
+    if manual_dir is None:
+        manual_dir = os.environ.get(MANUAL_DIR_ENV) or None
+    if manual_dir is not None:
+        manual_dir = os.path.abspath(os.path.expanduser(manual_dir))
+    if data_dir is not None:
+        data_dir = os.path.abspath(os.path.expanduser(data_dir))
+    tfds = import_tfds()
+    builder = _builder(tfds, name, data_dir)
+    key = _image_key(builder, name)
+    if not builder.is_prepared():
+        _prepare(tfds, builder, name, manual_dir)
+    splits = builder.info.splits
+    if "train" not in splits or "test" not in splits:
+        raise DataError(f"data.name={name!r}: needs 'train' and 'test' splits, has "
+                        f"{sorted(splits.keys())}")
+    train_split = "train" if max_train_examples is None else f"train[:{max_train_examples}]"
+    arrays = {}
+    for split_name, split in (("train", train_split), ("test", "test")):
+        ds = builder.as_dataset(split=split, batch_size=-1)
+        images = np.asarray(tfds.as_numpy(ds)[key])
+        if images.ndim == 3:  # [N, H, W] grayscale without a channel axis
+            images = images[..., None]
+        if images.ndim != 4 or images.dtype != np.uint8:
+            raise DataError(f"data.name={name!r}: expected uint8 images [N, H, W, C], got "
+                            f"{images.dtype} {images.shape}")
+        arrays[split_name] = images
+    return Dataset(name=name, train=arrays["train"], test=arrays["test"])

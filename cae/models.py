@@ -1,0 +1,148 @@
+"""Flax (Linen) modules: a strided-conv encoder and its transposed-conv decoder, tied or untied.
+
+Encoder layer i is ``y = conv(x, K_i, s_i, p_i) + b_i``; decoder layer i (run in reverse order) is
+``x' = conv_transpose(y', K_i', s_i, p_i, output_padding_i) + c_i`` where ``conv_transpose`` is
+the exact adjoint of encoder layer i's conv (``cae.ops``). With ``tied=True``, ``K_i' = K_i``:
+*the same parameter leaf* is read by both layers, so its gradient is the sum of both uses and the
+model has exactly ``sum_i |K_i|`` fewer parameters than the untied one. ``output_padding_i`` is
+chosen from encoder layer i's input size, so every decoder layer restores exactly that size
+(28 -> 14 -> 7 -> 4 -> 7 -> 14 -> 28 for k=3, s=2, p=1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cae import ops
+
+__all__ = ["ConvAutoencoder", "StridedConv", "TransposedConv", "ACTIVATIONS", "layer_sizes"]
+
+ACTIVATIONS = {
+    "relu": nn.relu,
+    "leaky_relu": nn.leaky_relu,
+    "gelu": nn.gelu,
+    "silu": nn.silu,
+    "elu": nn.elu,
+    "tanh": jnp.tanh,
+}
+
+# He-normal for the encoder: fan-in of conv(x, K) is kh * kw * C_in (kernel axes 0, 1, 2).
+_encoder_init = nn.initializers.variance_scaling(2.0, "fan_in", "truncated_normal",
+                                                 in_axis=(0, 1, 2), out_axis=3)
+# An untied decoder kernel has the encoder's HWIO shape but is applied as C^T, which reads the
+# C_out axis: its fan-in is kh * kw * C_out (axes 0, 1, 3).
+_decoder_init = nn.initializers.variance_scaling(2.0, "fan_in", "truncated_normal",
+                                                 in_axis=(0, 1, 3), out_axis=2)
+
+
+class StridedConv(nn.Module):
+    """``y = conv(x, kernel, strides, padding) + bias``. x: [N, H, W, C_in] -> [N, H', W', F]."""
+
+    features: int
+    kernel_size: int
+    strides: int
+    padding: Any  # int or "SAME"/"VALID"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k = self.kernel_size
+        kernel = self.param("kernel", _encoder_init, (k, k, x.shape[-1], self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        return ops.conv(x, kernel, self.strides, self.padding) + bias
+
+
+class TransposedConv(nn.Module):
+    """``x = conv_transpose(y, kernel, strides, padding, output_padding) + bias``: the adjoint of a
+    ``StridedConv(features=C_out)`` whose input had ``features`` channels and size ``output_hw``.
+
+    y: [N, H', W', C_out] -> [N, *output_hw, features]. ``kernel`` (HWIO of the *forward* conv,
+    ``[k, k, features, C_out]``) is passed in for tied weights; if None this layer owns one.
+    """
+
+    features: int
+    kernel_size: int
+    strides: int
+    padding: Any
+    output_hw: tuple[int, int]
+    impl: str = "lax"
+
+    @nn.compact
+    def __call__(self, y: jax.Array, kernel: jax.Array | None = None) -> jax.Array:
+        k = self.kernel_size
+        if kernel is None:
+            kernel = self.param("kernel", _decoder_init, (k, k, self.features, y.shape[-1]))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        op = ops.output_padding_for(self.output_hw, (k, k), self.strides, self.padding)
+        x = ops.conv_transpose(y, kernel, self.strides, self.padding, op, impl=self.impl)
+        assert x.shape[1:3] == tuple(self.output_hw), (x.shape, self.output_hw)
+        return x + bias
+
+
+class ConvAutoencoder(nn.Module):
+    """Encoder of ``len(features)`` strided convs, decoder of their transposes, output logits.
+
+    x: [N, H, W, C] in [0, 1] -> logits [N, H, W, C] (``sigmoid`` gives the reconstruction).
+    ``kernel_size``, ``strides``, ``padding``: one entry per layer. No activation on the code
+    (the last encoder layer's output) nor on the logits; ``activation`` everywhere in between.
+    """
+
+    features: Sequence[int]
+    kernel_size: Sequence[int]
+    strides: Sequence[int]
+    padding: Sequence[Any]
+    tied: bool = True
+    activation: str = "relu"
+    impl: str = "lax"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n = len(self.features)
+        assert n == len(self.kernel_size) == len(self.strides) == len(self.padding)
+        act = ACTIVATIONS[self.activation]
+        channels = [x.shape[-1], *self.features[:-1]]  # each encoder layer's input channels
+        sizes, encoder = [], []
+        for i in range(n):
+            sizes.append(tuple(x.shape[1:3]))
+            layer = StridedConv(self.features[i], self.kernel_size[i], self.strides[i],
+                                self.padding[i], name=f"encoder_{i}")
+            x = layer(x)
+            encoder.append(layer)
+            if i < n - 1:  # no activation on the code layer: the code is linear in the last conv
+                x = act(x)
+        for i in reversed(range(n)):
+            # Tied: hand decoder layer i the encoder's kernel leaf itself (not a copy), so its
+            # gradient accumulates from both uses.
+            kernel = encoder[i].variables["params"]["kernel"] if self.tied else None
+            x = TransposedConv(channels[i], self.kernel_size[i], self.strides[i],
+                               self.padding[i], sizes[i], self.impl, name=f"decoder_{i}")(
+                x, kernel)
+            if i > 0:
+                x = act(x)
+        return x
+
+
+def layer_sizes(input_hw: Sequence[int], kernel_size: Sequence[int], strides: Sequence[int],
+                padding: Sequence[Any]) -> list[tuple[int, int]]:
+    """Spatial sizes through the encoder, input first: e.g. [(28, 28), (14, 14), (7, 7), (4, 4)].
+
+    Raises ``ValueError`` (from ``cae.ops``) naming the layer if a kernel does not fit.
+    """
+    sizes = [tuple(int(v) for v in input_hw)]
+    for i, (k, s, p) in enumerate(zip(kernel_size, strides, padding)):
+        hw = sizes[-1]
+        pads = ops.resolve_padding(p, hw, (k, k), s)
+        out = []
+        for size, pad in zip(hw, pads):
+            if size + pad[0] + pad[1] < k:
+                raise ValueError(
+                    f"encoder layer {i}: kernel_size {k} is larger than its padded input "
+                    f"{size}+{pad[0]}+{pad[1]} (sizes so far: {sizes})"
+                )
+            out.append(ops.conv_output_size(size, k, s, pad))
+        sizes.append(tuple(out))
+    return sizes
