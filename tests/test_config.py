@@ -1,0 +1,136 @@
+"""Config schema: the shipped configs parse, overrides work, and every bad input is one clear line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cae import config
+from cae.config import ConfigError
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+def test_shipped_configs_exist():
+    names = {p.name for p in CONFIGS}
+    assert {"mnist_tied.yaml", "mnist_untied.yaml", "smoke.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_parse_and_document_their_run_command(path):
+    cfg = config.load_config(path)
+    head = path.read_text().splitlines()[:10]
+    assert any(f"python -m cae.train --config configs/{path.name}" in line for line in head)
+    assert any(line.startswith("# Expect") for line in head)
+    assert cfg.data.name == "mnist"
+
+
+def test_tied_and_untied_configs_differ_only_in_tied_and_output_dir():
+    tied = config.to_dict(config.load_config(CONFIGS[0].parent / "mnist_tied.yaml"))
+    untied = config.to_dict(config.load_config(CONFIGS[0].parent / "mnist_untied.yaml"))
+    assert tied["model"]["tied"] is True and untied["model"]["tied"] is False
+    tied["model"]["tied"] = False
+    tied["output"]["dir"] = untied["output"]["dir"]
+    assert tied == untied
+
+
+def test_overrides_are_yaml_parsed(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  epochs: 2\n")
+    cfg = config.load_config(path, [
+        "model.features=[8, 16, 4]", "train.epochs=3", "train.learning_rate=1e-3",
+        "model.tied=false", "model.padding=SAME", "data.data_dir=/tmp/x", "data.manual_dir=",
+        "model.kernel_size=[3, 5, 3]",
+    ])
+    assert cfg.model.features == [8, 16, 4]
+    assert cfg.train.epochs == 3
+    assert cfg.train.learning_rate == pytest.approx(1e-3)  # YAML 1.1 reads 1e-3 as a string
+    assert cfg.model.tied is False
+    assert cfg.model.padding == "SAME"
+    assert cfg.data.data_dir == "/tmp/x" and cfg.data.manual_dir is None
+    assert cfg.model.kernel_size == [3, 5, 3]
+
+
+def test_resolved_config_round_trips_through_yaml():
+    cfg = config.load_config(CONFIGS[0].parent / "mnist_tied.yaml", ["train.epochs=5"])
+    again = config.from_dict(yaml.safe_load(config.to_yaml(cfg)))
+    assert again == cfg
+
+
+def test_missing_keys_take_defaults(tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text("")
+    assert config.load_config(path) == config.Config()
+
+
+BAD_OVERRIDES = [
+    (["model.nope=1"], r"model\.nope.*allowed in model are"),
+    (["nope.epochs=1"], r"nope\.epochs.*section one of"),
+    (["epochs=1"], r"--set epochs: expected section\.key"),
+    (["train.epochs"], r"expected section\.key=value"),
+    (["train.epochs=[1,"], r"train\.epochs.*not valid YAML"),
+    (["train.epochs=1.5"], r"train\.epochs=1\.5: expected int"),
+    (["train.epochs=three"], r"train\.epochs='three': expected int"),
+    (["train.epochs=0"], r"train\.epochs=0: must be >= 1"),
+    (["train.epochs=-3"], r"train\.epochs=-3: must be >= 1"),
+    (["train.batch_size=0"], r"train\.batch_size=0"),
+    (["train.learning_rate=nan"], r"train\.learning_rate=nan: must be a finite number > 0"),
+    (["train.learning_rate=.inf"], r"train\.learning_rate=inf: must be a finite"),
+    (["train.learning_rate=-1"], r"train\.learning_rate=-1\.0: must be a finite number > 0"),
+    (["train.learning_rate=fast"], r"train\.learning_rate='fast': expected float"),
+    (["train.optimizer=lbfgs"], r"train\.optimizer='lbfgs': allowed are 'adam' \| 'adamw'"),
+    (["train.loss=l1"], r"train\.loss='l1': allowed are 'bce' \| 'mse'"),
+    (["model.tied=yes please"], r"model\.tied='yes please': expected bool"),
+    (["model.tied=1"], r"model\.tied=1: expected bool"),
+    (["model.features=abc"], r"model\.features='abc': expected list of \(int\)"),
+    (["model.features=[]"], r"model\.features=\[\]: need at least one layer"),
+    (["model.features=[8, 0]"], r"model\.features\[1\]=0: channel counts must be >= 1"),
+    (["model.features=[8, 2.5]"], r"model\.features\[1\]=2\.5: expected int"),
+    (["model.strides=0"], r"model\.strides=0: must be >= 1"),
+    (["model.strides=[2, 2]"], r"model\.strides=\[2, 2\]: a list needs one value per layer \(3"),
+    (["model.strides=[2, -1, 2]"], r"model\.strides\[1\]=-1: must be >= 1"),
+    (["model.kernel_size=0"], r"model\.kernel_size=0: must be >= 1"),
+    (["model.padding=FULL"], r"model\.padding='FULL': allowed are an int >= 0, 'SAME' or 'VALID'"),
+    (["model.padding=-1"], r"model\.padding=-1: allowed are an int >= 0"),
+    (["model.activation=swish2"], r"model\.activation='swish2': allowed are 'relu'"),
+    (["model.conv_transpose_impl=fft"], r"model\.conv_transpose_impl='fft': allowed are 'lax'"),
+    (["data.name="], r"data\.name=None: expected str"),
+    (["data.max_train_examples=0"], r"data\.max_train_examples=0: must be >= 1 or null"),
+    (["output.overwrite=maybe"], r"output\.overwrite='maybe': expected bool"),
+    (["output.progress=loud"], r"output\.progress='loud': allowed are 'auto'"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD_OVERRIDES, ids=lambda v: str(v))
+def test_bad_overrides_are_one_line_errors_naming_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        config.load_config(CONFIGS[0].parent / "mnist_tied.yaml", overrides)
+    assert "\n" not in str(info.value)
+
+
+BAD_FILES = [
+    ("train:\n  epochs: [1\n", r"malformed YAML \(line \d+, column \d+\)"),
+    ("- a\n- b\n", r"expected a mapping of sections"),
+    ("train: 3\n", r"train: expected a mapping of keys"),
+    ("trian:\n  epochs: 1\n", r"unknown section 'trian': allowed are \['data', 'model'"),
+    ("train:\n  epoch: 1\n", r"unknown key train\.epoch: allowed in train are \["),
+    ("model:\n  features: 16\n", r"model\.features=16: expected list of \(int\)"),
+]
+
+
+@pytest.mark.parametrize("text,message", BAD_FILES, ids=lambda v: str(v)[:30])
+def test_bad_config_files(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message) as info:
+        config.load_config(path)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"--config .*nope\.yaml: file not found"):
+        config.load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="is a directory"):
+        config.load_config(tmp_path)

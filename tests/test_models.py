@@ -1,0 +1,177 @@
+"""The autoencoder: shapes through every layer, the tied kernel is one leaf used twice, and the
+decoder layers are the transposes of the encoder layers."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cae import models, ops
+
+GEOMETRIES = [
+    # (input [H, W, C], features, kernel_size, strides, padding)
+    ((28, 28, 1), (32, 64, 16), (3, 3, 3), (2, 2, 2), (1, 1, 1)),  # 28-14-7-4-7-14-28
+    ((28, 28, 1), (8, 8), (5, 4), (3, 2), (2, 1)),
+    ((27, 19, 3), (4, 6, 5), (3, 3, 3), (2, 2, 2), (0, 1, 0)),  # odd and non-square, RGB
+    ((32, 32, 3), (8, 16), (4, 4), (2, 2), ("SAME", "VALID")),
+    ((13, 17, 2), (5,), (3,), (1,), ("SAME",)),
+    ((9, 9, 1), (4, 4, 4), (2, 3, 2), (1, 3, 1), (0, 1, 1)),
+]
+
+
+def _init(model, *args, seed=0):
+    """Parameters for input ``x``: the shapes ``model.init`` would make, filled with NumPy
+    normals (these tests are about structure, not the initializer; compiling JAX's threefry
+    RNG for every new shape costs seconds on CPU)."""
+    shapes = jax.eval_shape(model.init, jax.random.key(0), *args)["params"]
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(
+        lambda s: jnp.asarray(rng.normal(0.0, 0.3, s.shape), s.dtype), shapes)
+
+
+def _uniform(shape, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).uniform(size=shape), jnp.float32)
+
+
+def _model(geometry, tied=True, activation="relu"):
+    _, features, kernel_size, strides, padding = geometry
+    return models.ConvAutoencoder(features, kernel_size, strides, padding, tied=tied,
+                                  activation=activation)
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=str)
+@pytest.mark.parametrize("tied", [True, False])
+def test_output_restores_the_input_shape(geometry, tied):
+    shape = geometry[0]
+    model = _model(geometry, tied)
+    x = _uniform((2, *shape))
+    params = _init(model, x, seed=1)
+    out = model.apply({"params": params}, x)
+    assert out.shape == x.shape
+    assert bool(jnp.all(jnp.isfinite(out)))
+
+
+def test_encoder_sizes_of_the_default_model():
+    assert models.layer_sizes((28, 28), (3, 3, 3), (2, 2, 2), (1, 1, 1)) == [
+        (28, 28), (14, 14), (7, 7), (4, 4)]
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=str)
+def test_each_decoder_layer_restores_its_encoder_layers_input(geometry):
+    shape, features, kernel_size, strides, padding = geometry
+    model = _model(geometry)
+    x = jnp.zeros((1, *shape))
+    params = _init(model, x, seed=0)
+    _, state = model.apply({"params": params}, x, capture_intermediates=True,
+                           mutable=["intermediates"])
+    inter = state["intermediates"]
+    sizes = models.layer_sizes(shape[:2], kernel_size, strides, padding)
+    for i in range(len(features)):
+        enc_out = inter[f"encoder_{i}"]["__call__"][0]
+        dec_out = inter[f"decoder_{i}"]["__call__"][0]
+        assert enc_out.shape[1:3] == sizes[i + 1]
+        assert dec_out.shape[1:3] == sizes[i]
+        assert dec_out.shape[-1] == (shape[-1] if i == 0 else features[i - 1])
+
+
+def _count(tree):
+    return sum(x.size for x in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES[:3], ids=str)
+def test_tied_model_has_one_kernel_leaf_per_layer_and_the_expected_count(geometry):
+    shape = geometry[0]
+    x = jnp.zeros((1, *shape))
+    tied = _init(_model(geometry, True), x, seed=0)
+    untied = _init(_model(geometry, False), x, seed=0)
+    n = len(geometry[1])
+    for i in range(n):
+        assert "kernel" in tied[f"encoder_{i}"] and "kernel" not in tied[f"decoder_{i}"]
+        assert "bias" in tied[f"decoder_{i}"]  # own biases
+        assert untied[f"decoder_{i}"]["kernel"].shape == untied[f"encoder_{i}"]["kernel"].shape
+    kernels = sum(tied[f"encoder_{i}"]["kernel"].size for i in range(n))
+    assert _count(untied) - _count(tied) == kernels
+    # Hand count: every conv has k*k*C_in*C_out weights and C_out biases; each decoder C_in biases.
+    _, features, ks, _, _ = geometry
+    chans = [shape[-1], *features]
+    expected = sum(k * k * a * b + b + a for k, a, b in zip(ks, chans[:-1], chans[1:]))
+    assert _count(tied) == expected
+
+
+def test_default_model_parameter_counts():
+    geometry = GEOMETRIES[0]
+    x = jnp.zeros((1, 28, 28, 1))
+    assert _count(jax.eval_shape(_model(geometry, True).init, jax.random.key(0), x)) == 28145
+    assert _count(jax.eval_shape(_model(geometry, False).init, jax.random.key(0), x)) == 56081
+
+
+def test_tied_kernel_gradient_is_the_sum_of_its_two_uses():
+    """d loss / dK (tied) == d loss / dK_enc + d loss / dK_dec of an untied model whose decoder
+    kernels are set equal to the encoder's: the leaf really is used twice."""
+    geometry = GEOMETRIES[2]
+    shape = geometry[0]
+    x = _uniform((2, *shape), 3)
+    tied_model, untied_model = _model(geometry, True), _model(geometry, False)
+    tied = _init(tied_model, x, seed=0)
+    untied = jax.tree.map(lambda a: a, _init(untied_model, x, seed=0))
+    n = len(geometry[1])
+    for i in range(n):  # same weights in both models
+        untied[f"encoder_{i}"] = tied[f"encoder_{i}"]
+        untied[f"decoder_{i}"] = {"kernel": tied[f"encoder_{i}"]["kernel"],
+                                  "bias": tied[f"decoder_{i}"]["bias"]}
+
+    def loss(model, params):
+        return jnp.mean((jax.nn.sigmoid(model.apply({"params": params}, x)) - x) ** 2)
+
+    np.testing.assert_allclose(loss(tied_model, tied), loss(untied_model, untied), rtol=1e-6)
+    g_tied = jax.grad(lambda p: loss(tied_model, p))(tied)
+    g_untied = jax.grad(lambda p: loss(untied_model, p))(untied)
+    for i in range(n):
+        both = g_untied[f"encoder_{i}"]["kernel"] + g_untied[f"decoder_{i}"]["kernel"]
+        np.testing.assert_allclose(g_tied[f"encoder_{i}"]["kernel"], both, rtol=1e-4, atol=1e-7)
+        # and neither use alone accounts for it
+        assert not np.allclose(g_tied[f"encoder_{i}"]["kernel"],
+                               g_untied[f"encoder_{i}"]["kernel"], rtol=1e-3, atol=1e-7)
+
+
+def test_decoder_layer_is_the_adjoint_of_its_encoder_layer():
+    """Linear parts only: <enc_i(x) - b, y> == <x, dec_i(y) - c> with the tied kernel."""
+    rng = np.random.default_rng(0)
+    k = jnp.asarray(rng.normal(size=(3, 3, 5, 7)), jnp.float32)
+    enc = models.StridedConv(7, 3, 2, 1)
+    dec = models.TransposedConv(5, 3, 2, 1, output_hw=(14, 13))
+    x = jnp.asarray(rng.normal(size=(2, 14, 13, 5)), jnp.float32)
+    y = jnp.asarray(rng.normal(size=(2, 7, 7, 7)), jnp.float32)
+    enc_params = {"kernel": k, "bias": jnp.zeros(7)}
+    dec_params = _init(dec, y, k)
+    assert set(dec_params) == {"bias"}
+    cx = enc.apply({"params": enc_params}, x)
+    cty = dec.apply({"params": dec_params}, y, k) - dec_params["bias"]
+    lhs = np.vdot(np.asarray(cx, np.float64), np.asarray(y, np.float64))
+    rhs = np.vdot(np.asarray(x, np.float64), np.asarray(cty, np.float64))
+    assert abs(lhs - rhs) <= 1e-5 * max(abs(lhs), 1.0)
+    np.testing.assert_allclose(cty, ops.conv_transpose(y, k, 2, 1, output_padding=(1, 0)),
+                               rtol=1e-6)
+
+
+def test_no_activation_on_the_code_layer():
+    """With ReLU, a code layer passed through an activation would be >= 0; ours has negatives."""
+    geometry = GEOMETRIES[0]
+    model = _model(geometry)
+    x = _uniform((4, 28, 28, 1))
+    params = _init(model, x, seed=1)
+    _, state = model.apply({"params": params}, x, capture_intermediates=True,
+                           mutable=["intermediates"])
+    code = state["intermediates"]["encoder_2"]["__call__"][0]
+    hidden = state["intermediates"]["encoder_1"]["__call__"][0]
+    assert float(code.min()) < 0  # linear code
+    assert float(hidden.min()) < 0  # pre-activation output; the ReLU comes after it
+    logits = model.apply({"params": params}, x)
+    assert float(logits.min()) < 0 < float(logits.max())  # logits, not an activation
+
+
+def test_kernel_too_large_for_the_image_is_a_value_error():
+    with pytest.raises(ValueError, match=r"encoder layer 2: kernel_size 5 is larger"):
+        models.layer_sizes((8, 8), (3, 3, 5), (2, 2, 2), (1, 1, 0))
