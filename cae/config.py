@@ -68,7 +68,7 @@ class OutputConfig:
     dir: str = "runs/default"
     overwrite: bool = False  # allow replacing a *finished* run in output.dir
     num_images: int = 8  # test images shown in reconstructions.png
-    progress: Literal["auto", "on", "off"] = "auto"  # auto: a bar only on a terminal
+    progress: bool | Literal["auto"] = "auto"  # "auto": a progress bar only on a terminal
 
 
 @dataclasses.dataclass

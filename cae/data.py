@@ -155,12 +155,15 @@ def _prepare(tfds, builder, name: str, manual_dir: str | None) -> None:
         try:
             builder.download_and_prepare(download_config=config)
         except Exception as e:
-            where = (f"data.manual_dir={manual_dir!r} lacks them or they are corrupt"
-                     if manual_dir else f"set data.manual_dir or ${MANUAL_DIR_ENV}")
-            first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+            said = str(e).strip().splitlines()[0][:400] if str(e).strip() else type(e).__name__
+            if manual_dir:
+                raise DataError(
+                    f"data.manual_dir={manual_dir!r}: TFDS could not prepare {name!r} from it "
+                    f"({said}); it needs intact copies of {listed}"
+                ) from None
             raise DataError(
-                f"data.name={name!r}: cannot prepare it in {builder.data_dir!s} (no network?): "
-                f"provide a folder holding {listed} ({where}); TFDS said: {first}"
+                f"data.name={name!r}: cannot prepare it in {builder.data_dir!s} ({said}); set "
+                f"data.manual_dir or ${MANUAL_DIR_ENV} to a folder holding {listed}"
             ) from None
 
 

@@ -99,7 +99,7 @@ BAD_OVERRIDES = [
     (["data.name="], r"data\.name=None: expected str"),
     (["data.max_train_examples=0"], r"data\.max_train_examples=0: must be >= 1 or null"),
     (["output.overwrite=maybe"], r"output\.overwrite='maybe': expected bool"),
-    (["output.progress=loud"], r"output\.progress='loud': allowed are 'auto'"),
+    (["output.progress=loud"], r"output\.progress='loud': expected bool \| 'auto'"),
 ]
 
 
