@@ -56,7 +56,6 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Sequence
-from typing import Union
 
 import jax
 import jax.numpy as jnp
@@ -75,7 +74,7 @@ __all__ = [
 ]
 
 Pair = tuple[int, int]
-PaddingLike = Union[str, int, Sequence[int], Sequence[Sequence[int]]]
+PaddingLike = str | int | Sequence[int] | Sequence[Sequence[int]]
 _DN = ("NHWC", "HWIO", "NHWC")
 
 # jax-ml/jax#32267 / PR #32268 (2025): `lax.conv_transpose` gained `use_consistent_padding`.

@@ -76,7 +76,6 @@ def prepare_run_dir(run_dir: str | os.PathLike, resolved: dict, overwrite: bool)
     for a finished run without ``overwrite``, a different config, or a foreign directory.
     """
     run_dir = Path(run_dir)
-    ckpt_dir = run_dir / CHECKPOINT_DIR
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirError(f"output.dir={str(run_dir)!r} exists and is not a directory")
     if run_dir.is_dir() and any(run_dir.iterdir()):

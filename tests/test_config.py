@@ -1,4 +1,4 @@
-"""Config schema: the shipped configs parse, overrides work, and every bad input is one clear line."""
+"""Config schema: shipped configs parse, overrides work, each bad input is one clear line."""
 
 from __future__ import annotations
 

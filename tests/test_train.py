@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import MANUAL_DIR, REPO, manual_dir_available
 
 from cae import config, data, rundir, train
-from conftest import MANUAL_DIR, REPO, manual_dir_available
 
 SMOKE = REPO / "configs" / "smoke.yaml"
 
