@@ -1,0 +1,333 @@
+#!/usr/bin/env python3
+"""Forward+backward timing of ``cae.ops.conv_transpose``: custom VJPs vs JAX autodiff.
+
+For each layer, the timed step is ``value_and_grad`` of ``loss = sum(conv_transpose(y, K) * g)``
+w.r.t. ``(y, K)``, ``jit``-compiled. ``value_and_grad`` (not ``grad``) so the forward conv is
+really computed: the gradients of this linear loss do not need the forward output, and XLA would
+otherwise drop it. Methods:
+
+* ``lax``       ``ops.conv_transpose(..., impl="lax")``  (lax.conv_transpose + custom VJP)
+* ``subpixel``  ``ops.conv_transpose(..., impl="subpixel")``  (phase decomposition + custom VJP)
+* ``autodiff``  ``ops.conv_transpose_autodiff``: plain lax.conv_transpose, JAX's own autodiff
+                (the baseline; ratios are time / autodiff time, measured in the same run)
+* ``vjp_conv``  the transposed conv defined as ``jax.vjp`` of ``ops.conv`` w.r.t. its input,
+                differentiated by ``jax.value_and_grad`` like the others
+* ``torch``     ``torch.nn.functional.conv_transpose2d`` forward + ``backward()`` on CPU (NCHW),
+                if ``import torch`` works and ``--no-torch`` is not given; threads = JAX's cores
+
+Shapes (NHWC, kernels HWIO = the forward conv's ``[kh, kw, C_in, C_out]``): the default model's
+decoder (features [32, 64, 16], kernel 3, stride 2, padding 1, 28x28x1 MNIST; encoder
+28 -> 14 -> 7 -> 4) at ``--batch`` B:
+
+* dec1  y [B, 4, 4, 16],   K [3, 3, 64, 16] -> [B, 7, 7, 64]    (output_padding 0)
+* dec2  y [B, 7, 7, 64],   K [3, 3, 32, 64] -> [B, 14, 14, 32]  (output_padding 1)
+* dec3  y [B, 14, 14, 32], K [3, 3, 1, 32]  -> [B, 28, 28, 1]   (output_padding 1)
+* large y [B/4, 16, 16, 64], K [4, 4, 64, 64] -> [B/4, 32, 32, 64] (k=4, s=2, p=1)
+* decoder  dec1 -> relu -> dec2 -> relu -> dec3 as one jitted step
+
+Each method's gradients are checked against autodiff before timing. Timing: warm-up calls
+(compile), then ``--reps`` rounds; in each round every method runs once (interleaved, so machine
+noise hits all alike), each call ``jax.block_until_ready``'d; the figure is the median.
+
+Usage: ``python3 scripts/bench_ops.py [--batch 128] [--reps 30] [--impls lax,subpixel,...]
+[--no-torch] [--json PATH]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+try:
+    import cae  # noqa: F401  (installed with `pip install -e .`)
+except ImportError:  # running from a checkout without installing
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+import numpy as np
+
+from cae import ops
+
+JAX_METHODS = ("lax", "subpixel", "autodiff", "vjp_conv")
+ALL_METHODS = (*JAX_METHODS, "torch")
+BASELINE = "autodiff"
+
+
+# ----------------------------------------------------------------------------------------------
+# Problem definitions
+# ----------------------------------------------------------------------------------------------
+
+
+def layer(name, batch, in_hw, c_in, c_out, k, s, p):
+    """A decoder layer as the transpose of the forward conv  x [B, *in_hw, c_in] -> y.
+    Returns a dict with y's shape, the kernel's shape and the output_padding restoring x."""
+    pads = ops.resolve_padding(p, in_hw, (k, k), s)
+    y_hw = tuple(ops.conv_output_size(h, k, s, pp) for h, pp in zip(in_hw, pads))
+    op = ops.output_padding_for(in_hw, (k, k), s, p)
+    return dict(name=name, y_shape=(batch, *y_hw, c_out), k_shape=(k, k, c_in, c_out),
+                x_shape=(batch, *in_hw, c_in), strides=s, padding=p, output_padding=op)
+
+
+def problems(batch):
+    dec = [
+        layer("dec1", batch, (7, 7), 64, 16, 3, 2, 1),
+        layer("dec2", batch, (14, 14), 32, 64, 3, 2, 1),
+        layer("dec3", batch, (28, 28), 1, 32, 3, 2, 1),
+    ]
+    large = layer("large", max(1, batch // 4), (32, 32), 64, 64, 4, 2, 1)
+    return dec, large
+
+
+def describe(lay):
+    return (f"y {list(lay['y_shape'])} K {list(lay['k_shape'])} -> {list(lay['x_shape'])} "
+            f"s={lay['strides']} p={lay['padding']} op={lay['output_padding'][0]}")
+
+
+# ----------------------------------------------------------------------------------------------
+# JAX steps
+# ----------------------------------------------------------------------------------------------
+
+
+def transpose_fn(method, lay):
+    """(y, K) -> x for one layer with the given JAX method."""
+    kw = dict(strides=lay["strides"], padding=lay["padding"],
+              output_padding=lay["output_padding"])
+    if method in ops.IMPLEMENTATIONS:
+        return lambda y, k: ops.conv_transpose(y, k, **kw, impl=method)
+    if method == "autodiff":
+        return lambda y, k: ops.conv_transpose_autodiff(y, k, **kw)
+    if method == "vjp_conv":
+        x_shape = lay["x_shape"]
+
+        def via_vjp(y, k):
+            x0 = jnp.zeros(x_shape, y.dtype)
+            _, vjp = jax.vjp(lambda x: ops.conv(x, k, lay["strides"], lay["padding"]), x0)
+            return vjp(y)[0]
+
+        return via_vjp
+    raise ValueError(f"unknown JAX method {method!r}")
+
+
+def jax_step(method, layers):
+    """jit(value_and_grad) of sum(decoder(y, K...) * g) w.r.t. (y, K1, ..., Kn); relu between
+    layers. Signature: step(y, g, kernels) -> (loss, (dy, dK1, ..., dKn))."""
+    fns = [transpose_fn(method, lay) for lay in layers]
+
+    def loss(y, kernels, g):
+        h = y
+        for i, (fn, k) in enumerate(zip(fns, kernels)):
+            h = fn(h, k)
+            if i + 1 < len(fns):
+                h = jax.nn.relu(h)
+        return jnp.sum(h * g)
+
+    @jax.jit
+    def step(y, g, kernels):
+        val, (dy, dks) = jax.value_and_grad(loss, argnums=(0, 1))(y, kernels, g)
+        return val, (dy, *dks)
+
+    return step
+
+
+def make_inputs(layers, seed=0):
+    rng = np.random.default_rng(seed)
+    y = rng.standard_normal(layers[0]["y_shape"]).astype(np.float32)
+    kernels = [(rng.standard_normal(lay["k_shape"]) / np.sqrt(np.prod(lay["k_shape"][:2])
+                                                             * lay["k_shape"][3]))
+               .astype(np.float32) for lay in layers]
+    g = rng.standard_normal(layers[-1]["x_shape"]).astype(np.float32)
+    return y, kernels, g
+
+
+# ----------------------------------------------------------------------------------------------
+# PyTorch step
+# ----------------------------------------------------------------------------------------------
+
+
+def torch_step(torch, layers, y, kernels, g):
+    """Returns a thunk running fwd + bwd of the same loss in NCHW; and the gradients (NHWC/HWIO)
+    of one call for checking."""
+    f = torch.nn.functional
+    ty = torch.from_numpy(np.ascontiguousarray(y.transpose(0, 3, 1, 2))).requires_grad_()
+    # Our HWIO kernel [kh, kw, C_in, C_out] is torch's [C_out(=in of transpose), C_in, kh, kw].
+    tks = [torch.from_numpy(np.ascontiguousarray(k.transpose(3, 2, 0, 1))).requires_grad_()
+           for k in kernels]
+    tg = torch.from_numpy(np.ascontiguousarray(g.transpose(0, 3, 1, 2)))
+    for lay in layers:
+        if not isinstance(lay["padding"], int):
+            raise ValueError("the torch step needs symmetric int padding")
+
+    def run():
+        for t in (ty, *tks):
+            t.grad = None
+        h = ty
+        for i, (lay, k) in enumerate(zip(layers, tks)):
+            h = f.conv_transpose2d(h, k, stride=lay["strides"], padding=lay["padding"],
+                                   output_padding=lay["output_padding"][0])
+            if i + 1 < len(layers):
+                h = torch.relu(h)
+        loss = (h * tg).sum()
+        loss.backward()
+        return loss
+
+    run()
+    grads = [ty.grad.numpy().transpose(0, 2, 3, 1)]
+    grads += [k.grad.numpy().transpose(2, 3, 1, 0) for k in tks]
+    return run, grads
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing
+# ----------------------------------------------------------------------------------------------
+
+
+def check_grads(name, method, grads, ref, rtol=1e-3):
+    for i, (a, b) in enumerate(zip(grads, ref)):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        err = np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30)
+        if not err < rtol:
+            raise SystemExit(f"{name}/{method}: gradient {i} differs from autodiff "
+                             f"(max rel err {err:.2e})")
+
+
+def run_jax(step, y, g, kernels):
+    return jax.block_until_ready(step(y, g, kernels))
+
+
+def cell(ms, ratio):
+    return f"{f'{ms:.2f} ms ({ratio:.2f}x)':>22}"
+
+
+def bench(name, layers, methods, reps, torch):
+    y, kernels, g = make_inputs(layers)
+    yj, gj, kj = jnp.asarray(y), jnp.asarray(g), [jnp.asarray(k) for k in kernels]
+    thunks = {}
+    ref = None
+    for m in methods:
+        if m == "torch":
+            run, grads = torch_step(torch, layers, y, kernels, g)
+            thunks[m] = run
+        else:
+            step = jax_step(m, layers)
+            grads = jax.block_until_ready(step(yj, gj, kj))[1]  # compile
+            thunks[m] = functools.partial(run_jax, step, yj, gj, kj)
+        if m == BASELINE:
+            ref = grads
+        thunks[m]()  # one more warm-up call
+        if m != BASELINE:
+            check_grads(name, m, grads, ref)
+    times = {m: [] for m in methods}
+    for _ in range(reps):
+        for m in methods:
+            t0 = time.perf_counter()
+            thunks[m]()
+            times[m].append((time.perf_counter() - t0) * 1e3)
+    return {m: statistics.median(v) for m, v in times.items()}, times
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batch", type=int, default=128, help="batch of the decoder layers (128)")
+    ap.add_argument("--reps", type=int, default=30, help="timed rounds per problem (30)")
+    ap.add_argument("--impls", default=",".join(ALL_METHODS),
+                    help=f"comma-separated subset of {','.join(ALL_METHODS)}; "
+                         f"'{BASELINE}' is always run (ratios are relative to it)")
+    ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
+    ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    args = ap.parse_args(argv)
+
+    methods = [m.strip() for m in args.impls.split(",") if m.strip()]
+    unknown = sorted(set(methods) - set(ALL_METHODS))
+    if unknown:
+        ap.error(f"unknown --impls {unknown}; allowed: {', '.join(ALL_METHODS)}")
+    if BASELINE not in methods:
+        methods.append(BASELINE)
+    # Baseline first: the others are checked against its gradients.
+    methods = [BASELINE] + [m for m in ALL_METHODS if m in methods and m != BASELINE]
+    torch = None
+    if "torch" in methods:
+        if args.no_torch:
+            methods.remove("torch")
+        else:
+            try:
+                import torch
+            except ImportError:
+                print("# torch not importable: skipping the PyTorch comparison")
+                methods.remove("torch")
+    n_cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if torch is not None:
+        torch.set_num_threads(n_cores)
+
+    info = {
+        "cpu": cpu_model(),
+        "cores": n_cores,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "devices": [str(d) for d in jax.devices()],
+        "torch": getattr(torch, "__version__", None),
+        "torch_threads": torch.get_num_threads() if torch is not None else None,
+        "batch": args.batch,
+        "reps": args.reps,
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+    }
+    print(f"# machine: {info['cpu']} ({info['cores']} cores), {info['platform']}")
+    print(f"# JAX {info['jax']} (jaxlib {info['jaxlib']}), devices: {info['devices']}")
+    if torch is not None:
+        print(f"# torch {info['torch']} ({info['torch_threads']} threads)")
+    print(f"# fwd+bwd (value_and_grad w.r.t. y and kernel), ms per call, median of {args.reps}; "
+          f"ratio = time / {BASELINE} time")
+
+    dec, large = problems(args.batch)
+    cases = [(lay["name"], [lay]) for lay in dec] + [("large", [large])]
+    cases.append(("decoder", dec))
+    results = []
+    header = f"{'problem':<9}" + "".join(f"{m:>22}" for m in methods)
+    print(header)
+    for name, layers in cases:
+        med, raw = bench(name, layers, methods, args.reps, torch)
+        base = med[BASELINE]
+        row = f"{name:<9}" + "".join(cell(med[m], med[m] / base) for m in methods)
+        print(row, flush=True)
+        results.append({
+            "problem": name,
+            "layers": [describe(lay) for lay in layers],
+            "median_ms": med,
+            "ratio_vs_autodiff": {m: med[m] / base for m in methods},
+            "all_ms": raw,
+        })
+    sum_layers = {m: sum(r["median_ms"][m] for r in results if r["problem"] in
+                         ("dec1", "dec2", "dec3")) for m in methods}
+    print(f"{'dec sum':<9}" + "".join(
+        cell(sum_layers[m], sum_layers[m] / sum_layers[BASELINE]) for m in methods))
+    for name, layers in cases:
+        print(f"#   {name}: " + "; ".join(describe(lay) for lay in layers))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"info": info, "results": results, "decoder_layer_sum_ms": sum_layers},
+                      f, indent=2)
+        print(f"# wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
