@@ -8,6 +8,8 @@ otherwise drop it. Methods:
 
 * ``lax``       ``ops.conv_transpose(..., impl="lax")``  (lax.conv_transpose + custom VJP)
 * ``subpixel``  ``ops.conv_transpose(..., impl="subpixel")``  (phase decomposition + custom VJP)
+* ``phase``     ``ops.conv_transpose(..., impl="phase")``  (all phases as one im2col GEMM
+                + custom VJP whose backward is two GEMMs)
 * ``autodiff``  ``ops.conv_transpose_autodiff``: plain lax.conv_transpose, JAX's own autodiff
                 (the baseline; ratios are time / autodiff time, measured in the same run)
 * ``vjp_conv``  the transposed conv defined as ``jax.vjp`` of ``ops.conv`` w.r.t. its input,
@@ -29,7 +31,7 @@ Each method's gradients are checked against autodiff before timing. Timing: warm
 (compile), then ``--reps`` rounds; in each round every method runs once (interleaved, so machine
 noise hits all alike), each call ``jax.block_until_ready``'d; the figure is the median.
 
-Usage: ``python3 scripts/bench_ops.py [--batch 128] [--reps 30] [--impls lax,subpixel,...]
+Usage: ``python3 scripts/bench_ops.py [--batch 128] [--reps 30] [--impls lax,subpixel,phase,...]
 [--no-torch] [--json PATH]``
 """
 
@@ -56,7 +58,7 @@ import numpy as np
 
 from cae import ops
 
-JAX_METHODS = ("lax", "subpixel", "autodiff", "vjp_conv")
+JAX_METHODS = ("lax", "subpixel", "phase", "autodiff", "vjp_conv")
 ALL_METHODS = (*JAX_METHODS, "torch")
 BASELINE = "autodiff"
 
