@@ -182,6 +182,9 @@ def load_dataset(name: str = "mnist", data_dir: str | None = None,
     key = _image_key(builder, name)
     if not builder.is_prepared():
         _prepare(tfds, builder, name, manual_dir)
+        # A builder made before another process finished preparing keeps the empty dataset
+        # info it read then (no splits); a new one reads what is on disk now.
+        builder = _builder(tfds, name, data_dir)
     splits = builder.info.splits
     if "train" not in splits or "test" not in splits:
         raise DataError(f"data.name={name!r}: needs 'train' and 'test' splits, has "
