@@ -33,11 +33,17 @@ class DataError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-    """train: [N, H, W, C] uint8; test: [M, H, W, C] uint8 (TFDS's ``test`` split, all of it)."""
+    """train: [N, H, W, C] uint8; test: [M, H, W, C] uint8 (TFDS's ``test`` split, all of it).
+
+    train_labels: [N] int32, test_labels: [M] int32 -- TFDS's ``label`` feature, aligned with the
+    images (same examples, same order); None for a dataset without one.
+    """
 
     name: str
     train: np.ndarray
     test: np.ndarray
+    train_labels: np.ndarray | None = None
+    test_labels: np.ndarray | None = None
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -116,6 +122,14 @@ def _image_key(builder, name: str) -> str:
     )
 
 
+def _label_key(builder) -> str | None:
+    """The class-label feature used for the linear probe and the code plots, if there is one."""
+    features = builder.info.features
+    if "label" in features and type(features["label"]).__name__ == "ClassLabel":
+        return "label"
+    return None
+
+
 def _reachable(builder, timeout: float = 5.0) -> bool:
     """Can we open a TCP connection to the first download host? TFDS would otherwise retry for
     minutes on a machine without network before failing."""
@@ -190,14 +204,20 @@ def load_dataset(name: str = "mnist", data_dir: str | None = None,
         raise DataError(f"data.name={name!r}: needs 'train' and 'test' splits, has "
                         f"{sorted(splits.keys())}")
     train_split = "train" if max_train_examples is None else f"train[:{max_train_examples}]"
-    arrays = {}
+    label_key = _label_key(builder)
+    arrays, labels = {}, {}
     for split_name, split in (("train", train_split), ("test", "test")):
         ds = builder.as_dataset(split=split, batch_size=-1)
-        images = np.asarray(tfds.as_numpy(ds)[key])
+        examples = tfds.as_numpy(ds)
+        images = np.asarray(examples[key])
+        # Read from the same batch as the images, so the slice and order are the same.
+        labels[split_name] = (None if label_key is None
+                              else np.asarray(examples[label_key]).astype(np.int32))
         if images.ndim == 3:  # [N, H, W] grayscale without a channel axis
             images = images[..., None]
         if images.ndim != 4 or images.dtype != np.uint8:
             raise DataError(f"data.name={name!r}: expected uint8 images [N, H, W, C], got "
                             f"{images.dtype} {images.shape}")
         arrays[split_name] = images
-    return Dataset(name=name, train=arrays["train"], test=arrays["test"])
+    return Dataset(name=name, train=arrays["train"], test=arrays["test"],
+                   train_labels=labels["train"], test_labels=labels["test"])

@@ -89,6 +89,12 @@ class ConvAutoencoder(nn.Module):
     x: [N, H, W, C] in [0, 1] -> logits [N, H, W, C] (``sigmoid`` gives the reconstruction).
     ``kernel_size``, ``strides``, ``padding``: one entry per layer. No activation on the code
     (the last encoder layer's output) nor on the logits; ``activation`` everywhere in between.
+
+    ``encode`` (x -> code [N, h, w, features[-1]]) and ``decode`` (code -> logits) are the two
+    halves, e.g. ``model.apply(variables, x, method="encode")``; ``__call__`` is exactly
+    ``decode(encode(x))``. A code's size does not determine the image size (a stride-s conv maps
+    s input sizes to one output size), so ``decode`` needs ``image_shape`` = (H, W, C); ``__call__``
+    and ``encode`` read it from their input and, when it is set, check it.
     """
 
     features: Sequence[int]
@@ -98,22 +104,51 @@ class ConvAutoencoder(nn.Module):
     tied: bool = True
     activation: str = "relu"
     impl: str = "lax"
+    image_shape: tuple[int, int, int] | None = None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [N, H, W, C] -> logits [N, H, W, C]."""
+        return self._run(x, encode=True, decode=True)
+
+    def encode(self, x: jax.Array) -> jax.Array:
+        """x: [N, H, W, C] -> code [N, h, w, features[-1]] (linear in the last conv)."""
+        return self._run(x, encode=True, decode=False)
+
+    def decode(self, code: jax.Array) -> jax.Array:
+        """code: [N, h, w, features[-1]] -> logits [N, H, W, C] for ``image_shape`` (H, W, C)."""
+        return self._run(code, encode=False, decode=True)
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def _run(self, x: jax.Array, *, encode: bool, decode: bool) -> jax.Array:
+        # One compact method builds every layer with the same names (encoder_i, decoder_i) and
+        # the same parameter tree whichever half runs, so one checkpoint serves all three methods.
         n = len(self.features)
         assert n == len(self.kernel_size) == len(self.strides) == len(self.padding)
         act = ACTIVATIONS[self.activation]
-        channels = [x.shape[-1], *self.features[:-1]]  # each encoder layer's input channels
-        sizes, encoder = [], []
-        for i in range(n):
-            sizes.append(tuple(x.shape[1:3]))
-            layer = StridedConv(self.features[i], self.kernel_size[i], self.strides[i],
-                                self.padding[i], name=f"encoder_{i}")
-            x = layer(x)
-            encoder.append(layer)
-            if i < n - 1:  # no activation on the code layer: the code is linear in the last conv
-                x = act(x)
+        if encode:
+            image_shape = tuple(x.shape[1:])
+            if self.image_shape is not None and tuple(self.image_shape) != image_shape:
+                raise ValueError(f"input images {image_shape} do not match the model's "
+                                 f"image_shape {tuple(self.image_shape)}")
+        elif self.image_shape is None:
+            raise ValueError("ConvAutoencoder.decode needs image_shape=(H, W, C): a code's size "
+                             "does not determine the image size")
+        else:
+            image_shape = tuple(self.image_shape)
+        sizes = layer_sizes(image_shape[:2], self.kernel_size, self.strides, self.padding)
+        channels = [image_shape[-1], *self.features[:-1]]  # each encoder layer's input channels
+        encoder = [StridedConv(self.features[i], self.kernel_size[i], self.strides[i],
+                               self.padding[i], name=f"encoder_{i}") for i in range(n)]
+        if encode:
+            for i, layer in enumerate(encoder):
+                x = layer(x)
+                if i < n - 1:  # no activation on the code: it is linear in the last conv
+                    x = act(x)
+        elif tuple(x.shape[1:]) != (*sizes[-1], self.features[-1]):
+            raise ValueError(f"code of shape {tuple(x.shape[1:])} does not fit this model: "
+                             f"expected {(*sizes[-1], self.features[-1])}")
+        if not decode:
+            return x
         for i in reversed(range(n)):
             # Tied: hand decoder layer i the encoder's kernel leaf itself (not a copy), so its
             # gradient accumulates from both uses.

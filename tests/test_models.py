@@ -175,3 +175,83 @@ def test_no_activation_on_the_code_layer():
 def test_kernel_too_large_for_the_image_is_a_value_error():
     with pytest.raises(ValueError, match=r"encoder layer 2: kernel_size 5 is larger"):
         models.layer_sizes((8, 8), (3, 3, 5), (2, 2, 2), (1, 1, 0))
+
+
+# ----------------------------------------------------------------------------------------------
+# encode / decode: the two halves, same parameter tree
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=str)
+@pytest.mark.parametrize("tied", [True, False])
+def test_decode_of_encode_is_call_exactly(geometry, tied):
+    shape = geometry[0]
+    model = _model(geometry, tied).clone(image_shape=shape)
+    x = _uniform((2, *shape), 5)
+    params = _init(_model(geometry, tied), x, seed=2)  # initialised without image_shape
+    # image_shape changes nothing in the parameter tree: old checkpoints load as they are.
+    assert jax.tree.structure(params) == jax.tree.structure(_init(model, x, seed=2))
+    variables = {"params": params}
+    code = model.apply(variables, x, method="encode")
+    sizes = models.layer_sizes(shape[:2], *geometry[2:])
+    assert code.shape == (2, *sizes[-1], geometry[1][-1])
+    np.testing.assert_array_equal(model.apply(variables, code, method="decode"),
+                                  model.apply(variables, x))
+
+
+def _hand_encode(params, x, geometry):
+    """The encoder written out with cae.ops from the parameter dict (ReLU, none on the code)."""
+    _, features, ks, strides, padding = geometry
+    for i in range(len(features)):
+        x = ops.conv(x, params[f"encoder_{i}"]["kernel"], strides[i], padding[i])
+        x = x + params[f"encoder_{i}"]["bias"]
+        if i < len(features) - 1:
+            x = jax.nn.relu(x)
+    return x
+
+
+def _hand_decode(params, code, geometry, tied):
+    """The decoder written out with ops.conv_transpose from the parameter dict: layer i uses the
+    encoder kernel (tied) and output_padding from layer i's input size."""
+    shape, features, ks, strides, padding = geometry
+    sizes = models.layer_sizes(shape[:2], ks, strides, padding)
+    y = code
+    for i in reversed(range(len(features))):
+        kernel = params[f"encoder_{i}" if tied else f"decoder_{i}"]["kernel"]
+        op = ops.output_padding_for(sizes[i], (ks[i], ks[i]), strides[i], padding[i])
+        y = ops.conv_transpose(y, kernel, strides[i], padding[i], op)
+        y = y + params[f"decoder_{i}"]["bias"]
+        if i > 0:
+            y = jax.nn.relu(y)
+    return y
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=str)
+@pytest.mark.parametrize("tied", [True, False])
+def test_encode_and_decode_match_a_hand_built_ops_chain(geometry, tied):
+    shape = geometry[0]
+    model = _model(geometry, tied).clone(image_shape=shape)
+    x = _uniform((3, *shape), 7)
+    params = _init(model, x, seed=4)
+    code = model.apply({"params": params}, x, method="encode")
+    np.testing.assert_allclose(code, _hand_encode(params, x, geometry), rtol=1e-5, atol=1e-5)
+    # Decode a code that is not any image's code (random), so decode is tested on its own.
+    z = jnp.asarray(np.random.default_rng(8).normal(size=code.shape), jnp.float32)
+    out = model.apply({"params": params}, z, method="decode")
+    assert out.shape == (3, *shape)
+    np.testing.assert_allclose(out, _hand_decode(params, z, geometry, tied), rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_decode_needs_image_shape_and_a_code_of_the_right_shape():
+    geometry = GEOMETRIES[0]
+    x = jnp.zeros((1, 28, 28, 1))
+    params = _init(_model(geometry), x)
+    code = jnp.zeros((1, 4, 4, 16))
+    with pytest.raises(ValueError, match="needs image_shape"):
+        _model(geometry).apply({"params": params}, code, method="decode")
+    model = _model(geometry).clone(image_shape=(28, 28, 1))
+    with pytest.raises(ValueError, match=r"code of shape \(4, 4, 8\).*expected \(4, 4, 16\)"):
+        model.apply({"params": params}, jnp.zeros((1, 4, 4, 8)), method="decode")
+    with pytest.raises(ValueError, match=r"do not match the model's image_shape"):
+        model.apply({"params": params}, jnp.zeros((1, 27, 27, 1)))
