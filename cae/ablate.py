@@ -1,0 +1,526 @@
+"""Tied vs untied ablation over seeds: ``python -m cae.ablate --config <ablation config>``.
+
+Example: ``python -m cae.ablate --config configs/ablation_tied_vs_untied.yaml``.
+
+The config is an ordinary training config plus an ``ablation`` section (``seeds: [0, 1, 2]``).
+Every seed is trained twice, with ``model.tied`` true and false, by
+:func:`cae.train.train_and_evaluate`; each run is an ordinary run dir
+``<output.dir>/{tied,untied}_seed<k>``.
+The sweep sets ``model.tied`` and ``train.seed`` itself: in the file they are ignored with a
+note (so a training config can serve as the base), with ``--set`` they are an error.
+
+A finished run with the same config is reused without training, an unfinished one resumes from
+its last checkpoint, so an interrupted sweep is finished by running the same command again.
+Every run dir is checked before anything is trained. When all runs are done, ``ablation.csv``
+(one row per run), ``ablation.md`` (mean ± std per variant, parameter ratio, verdict) and
+``ablation.png`` are recomputed from the run dirs and written atomically into ``output.dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before anything imports TensorFlow
+
+import numpy as np
+import yaml
+
+from cae import config as config_lib
+from cae import data as data_lib
+from cae import plots, rundir, train
+from cae.config import Config, ConfigError
+
+__all__ = ["AblationConfig", "Run", "Comparison", "load_ablation_config", "plan_runs",
+           "check_run_dirs", "run_sweep", "collect", "compare", "verdict", "render_csv",
+           "render_markdown", "write_reports", "main", "CSV_COLUMNS", "ALPHA"]
+
+CSV_FILE, MD_FILE, PNG_FILE = "ablation.csv", "ablation.md", "ablation.png"
+CSV_COLUMNS = ("tied", "seed", "num_params", "test_mse", "test_psnr", "linear_probe_acc",
+               "wall_time_s", "train_images_per_sec", "run_dir")
+ALPHA = 0.05  # significance level of the verdict's two-sided Welch t-test
+
+# Keys the sweep sets for every run; the user sets seeds through ablation.seeds instead.
+SWEPT = {
+    ("model", "tied"): "set by the sweep (every seed runs tied and untied)",
+    ("train", "seed"): "set by the sweep; list the seeds in ablation.seeds",
+}
+
+
+@dataclasses.dataclass
+class AblationConfig:
+    seeds: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2])
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One training run of the sweep; ``cfg`` is its full config (output.dir = its run dir)."""
+
+    tied: bool
+    seed: int
+    cfg: Config
+
+    @property
+    def variant(self) -> str:
+        return "tied" if self.tied else "untied"
+
+    @property
+    def name(self) -> str:
+        return f"{self.variant}_seed{self.seed}"
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.cfg.output.dir)
+
+
+# ----------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------
+
+
+def _train_sections() -> list[str]:
+    return [f.name for f in dataclasses.fields(Config)]
+
+
+def _ablation_from_dict(values) -> AblationConfig:
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"ablation: expected a mapping of keys, got {values!r}")
+    allowed = [f.name for f in dataclasses.fields(AblationConfig)]
+    unknown = sorted(set(values) - set(allowed))
+    if unknown:
+        raise ConfigError(f"unknown key ablation.{unknown[0]}: allowed in ablation are {allowed}")
+    # The same type checker and messages as the training sections.
+    kwargs = {k: config_lib._coerce(v, list[int], f"ablation.{k}") for k, v in values.items()}
+    ablation = AblationConfig(**kwargs)
+    seeds = ablation.seeds
+    if not seeds:
+        raise ConfigError("ablation.seeds=[]: need at least one seed, e.g. [0, 1, 2]")
+    for i, s in enumerate(seeds):
+        if s < 0:
+            raise ConfigError(f"ablation.seeds[{i}]={s!r}: must be >= 0")
+    for s in seeds:
+        if seeds.count(s) > 1:
+            raise ConfigError(f"ablation.seeds={seeds!r}: seed {s} appears twice; list each "
+                              "seed once")
+    return ablation
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def load_ablation_config(path: str | os.PathLike, overrides: Sequence[str] = (),
+                         note: Callable[[str], None] = _stderr) -> tuple[Config, AblationConfig]:
+    """Read an ablation YAML and ``--set`` overrides -> (base training config, sweep).
+
+    ``ablation.*`` overrides go to the sweep, all others to :mod:`cae.config` unchanged.
+    ``model.tied`` / ``train.seed`` in the file (e.g. a training config used as is) are dropped
+    with a ``note``; asked for with ``--set`` they are an error. Raises :class:`ConfigError`
+    (one line) for any mistake, before anything is written.
+    """
+    raw = dict(config_lib.read_yaml_file(path))
+    sections = [*_train_sections(), "ablation"]
+    unknown = sorted(set(raw) - set(sections))
+    if unknown:
+        raise ConfigError(f"unknown section {unknown[0]!r}: allowed are {sorted(sections)}")
+    for (section, key), why in SWEPT.items():
+        values = raw.get(section)
+        if isinstance(values, dict) and key in values:
+            # A training config used as the base: say that its value is not used, and go on.
+            note(f"note: {section}.{key}={values[key]!r} in {path} is not used: {why}")
+            raw[section] = {k: v for k, v in values.items() if k != key}
+    ablation_raw = raw.pop("ablation", None)
+    ablation_raw = {} if ablation_raw is None else ablation_raw  # a non-mapping: error below
+    if isinstance(ablation_raw, dict):
+        ablation_raw = dict(ablation_raw)
+    train_overrides = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        parts = key.strip().split(".")
+        if sep and len(parts) == 2 and tuple(parts) in SWEPT:
+            raise ConfigError(f"--set {key.strip()}: {SWEPT[tuple(parts)]}")
+        if sep and parts[0] == "ablation":
+            allowed = [f.name for f in dataclasses.fields(AblationConfig)]
+            if len(parts) != 2 or parts[1] not in allowed:
+                raise ConfigError(f"--set {key.strip()}: unknown key; allowed in ablation are "
+                                  f"{allowed}")
+            try:
+                value = yaml.safe_load(text) if text.strip() else None
+            except yaml.YAMLError:
+                raise ConfigError(
+                    f"--set {key.strip()}={text!r}: value is not valid YAML") from None
+            if isinstance(ablation_raw, dict):
+                ablation_raw[parts[1]] = value
+            continue
+        if sep and len(parts) == 2 and parts[0] not in sections:
+            raise ConfigError(f"--set {key.strip()}: expected section.key with section one of "
+                              f"{sorted(sections)}")
+        train_overrides.append(item)
+    base = config_lib.from_dict(config_lib.apply_overrides(raw, train_overrides))
+    return base, _ablation_from_dict(ablation_raw)
+
+
+def plan_runs(base: Config, ablation: AblationConfig) -> list[Run]:
+    """Seed-major order (tied, untied for seed 0, then seed 1, ...): a sweep cut short still has
+    both variants of its first seeds."""
+    runs = []
+    for seed in ablation.seeds:
+        for tied in (True, False):
+            name = f"{'tied' if tied else 'untied'}_seed{seed}"  # == Run.name
+            cfg = dataclasses.replace(
+                base,
+                model=dataclasses.replace(base.model, tied=tied),
+                train=dataclasses.replace(base.train, seed=seed),
+                output=dataclasses.replace(base.output, dir=str(Path(base.output.dir) / name)))
+            runs.append(Run(tied, seed, config_lib.from_dict(config_lib.to_dict(cfg))))
+    return runs
+
+
+# ----------------------------------------------------------------------------------------------
+# Run directories
+# ----------------------------------------------------------------------------------------------
+
+
+def _config_difference(run_dir: Path, resolved: dict) -> str | None:
+    """First difference between a run dir's saved config and ``resolved``, as cae.rundir
+    judges it for resuming (output.dir/overwrite/progress may differ); None if the same."""
+    try:
+        saved = yaml.safe_load((run_dir / rundir.CONFIG_FILE).read_text()) or {}
+    except yaml.YAMLError:
+        saved = {}
+    return rundir._first_difference(rundir._comparable(saved), rundir._comparable(resolved))
+
+
+def _run_status(run: Run) -> str:
+    """``new`` | ``reuse`` | ``resume`` | ``restart`` | ``replace``; RunDirError if unusable."""
+    d, cfg = run.dir, run.cfg
+    if d.exists() and not d.is_dir():
+        raise rundir.RunDirError(f"{d} exists and is not a directory; choose another output.dir")
+    if not d.is_dir() or not any(d.iterdir()):
+        return "new"
+    if not (d / rundir.CONFIG_FILE).exists():
+        raise rundir.RunDirError(f"{d} is not empty and is not a cae run directory (no "
+                                 "config.yaml); choose another output.dir")
+    diff = _config_difference(d, config_lib.to_dict(cfg))
+    if (d / rundir.SUMMARY_FILE).exists():
+        if diff is None:
+            return "reuse"
+        if cfg.output.overwrite:
+            return "replace"
+        raise rundir.RunDirError(
+            f"{d} holds a finished run with another config ({diff}); choose another output.dir "
+            "or set output.overwrite=true to retrain it")
+    ckpt = rundir.Checkpointer(d)
+    try:
+        has_checkpoint = ckpt.latest_epoch() is not None
+    finally:
+        ckpt.close()
+    if not has_checkpoint:
+        return "restart"  # killed during its first epoch: cae.train starts it afresh
+    if diff is None:
+        return "resume"
+    if cfg.output.overwrite:
+        return "replace"
+    raise rundir.RunDirError(
+        f"{d} holds an unfinished run with another config ({diff}); rerun with the same config "
+        "to resume, choose another output.dir, or set output.overwrite=true")
+
+
+def check_run_dirs(base: Config, runs: Sequence[Run]) -> list[str]:
+    """What each run will do (see :func:`_run_status`); raises RunDirError before any training."""
+    out = Path(base.output.dir)
+    if out.exists() and not out.is_dir():
+        raise rundir.RunDirError(f"output.dir={str(out)!r} exists and is not a directory")
+    if (out / rundir.CONFIG_FILE).exists() or (out / rundir.SUMMARY_FILE).exists():
+        raise rundir.RunDirError(f"output.dir={str(out)!r} is a cae.train run directory; an "
+                                 "ablation needs a folder of its own, choose another output.dir")
+    return [_run_status(run) for run in runs]
+
+
+_DOING = {"new": "training", "restart": "training (restarting an unfinished first epoch)",
+          "resume": "resuming from its last checkpoint",
+          "replace": "retraining (output.overwrite=true, the saved config differs)"}
+
+
+def run_sweep(base: Config, ablation: AblationConfig,
+              log: Callable[[str], None] = print) -> list[Run]:
+    """Train (or reuse) every run of the sweep; returns the runs, all finished."""
+    runs = plan_runs(base, ablation)
+    statuses = check_run_dirs(base, runs)
+    n = len(runs)
+    for i, (run, status) in enumerate(zip(runs, statuses), 1):
+        where = f"[{i}/{n}] {run.name}"
+        if status == "reuse":
+            log(f"{where}: finished earlier, reusing {run.dir}")
+            continue
+        log(f"{where}: {_DOING[status]} in {run.dir}")
+        t0 = time.perf_counter()
+        summary = train.train_and_evaluate(run.cfg, run.dir)
+        log(f"{where}: done in {time.perf_counter() - t0:.1f} s, test_mse "
+            f"{summary['test_mse']:.5f}, {summary['num_params']} params")
+    return runs
+
+
+# ----------------------------------------------------------------------------------------------
+# Results
+# ----------------------------------------------------------------------------------------------
+
+
+def collect(runs: Sequence[Run]) -> tuple[list[dict], dict[str, np.ndarray]]:
+    """Read every finished run dir -> (rows, curves).
+
+    rows: one dict per run with the CSV columns (``linear_probe_acc`` None if the summary has
+    none). curves: {variant: [S, E + 1]} test MSE per seed before training (column 0) and after
+    each epoch, from the runs' metrics.jsonl.
+    """
+    rows, curves = [], {}
+    for run in runs:
+        summary = json.loads((run.dir / rundir.SUMMARY_FILE).read_text())
+        metrics = [json.loads(line) for line in
+                   (run.dir / rundir.METRICS_FILE).read_text().splitlines() if line.strip()]
+        rows.append({
+            "tied": run.tied, "seed": run.seed, "num_params": int(summary["num_params"]),
+            "test_mse": float(summary["test_mse"]), "test_psnr": float(summary["test_psnr"]),
+            "linear_probe_acc": (None if summary.get("linear_probe_acc") is None
+                                 else float(summary["linear_probe_acc"])),
+            "wall_time_s": float(summary["wall_time_s"]),
+            "train_images_per_sec": float(summary["train_images_per_sec"]),
+            "run_dir": run.name,
+        })
+        curve = [metrics[0]["initial_test_mse"], *(m["test_mse"] for m in metrics)]
+        curves.setdefault(run.variant, []).append(curve)
+    return rows, {v: np.asarray(c, dtype=np.float64) for v, c in curves.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+    """untied vs tied on one metric; ``diff`` = mean(untied) - mean(tied).
+
+    ``t``, ``df``, ``p``: Welch's two-sample t-test (two-sided); NaN with fewer than 2 runs per
+    variant. ``significant``: p < ALPHA, or None when it cannot be judged (n < 2).
+    """
+
+    n_tied: int
+    n_untied: int
+    mean_tied: float
+    mean_untied: float
+    std_tied: float  # sample std (ddof=1); NaN for n = 1
+    std_untied: float
+    diff: float
+    pooled_std: float  # sqrt of the pooled sample variance; NaN if n_tied + n_untied < 3
+    t: float
+    df: float
+    p: float
+    significant: bool | None
+
+
+def _std(x: np.ndarray) -> float:
+    return float(np.std(x, ddof=1)) if len(x) > 1 else math.nan
+
+
+def compare(tied: Sequence[float], untied: Sequence[float]) -> Comparison:
+    """tied: [S1], untied: [S2] per-seed values of one metric -> :class:`Comparison`."""
+    a, b = np.asarray(tied, np.float64), np.asarray(untied, np.float64)
+    n1, n2 = len(a), len(b)
+    if n1 == 0 or n2 == 0:
+        raise ValueError("compare needs at least one value per variant")
+    m1, m2, s1, s2 = float(a.mean()), float(b.mean()), _std(a), _std(b)
+    diff = m2 - m1
+    dof = n1 + n2 - 2
+    pooled = (math.sqrt((np.sum((a - m1) ** 2) + np.sum((b - m2) ** 2)) / dof) if dof > 0
+              else math.nan)
+    t = df = p = math.nan
+    significant = None
+    if n1 >= 2 and n2 >= 2:
+        se = math.sqrt(s1 ** 2 / n1 + s2 ** 2 / n2)
+        if se == 0.0:  # every seed gave the same number: any difference is beyond the spread
+            t = math.copysign(math.inf, diff) if diff else 0.0
+            df, p = float(dof), (0.0 if diff else 1.0)
+        else:
+            from scipy import stats
+
+            res = stats.ttest_ind(b, a, equal_var=False)
+            t, df, p = float(res.statistic), float(res.df), float(res.pvalue)
+        significant = p < ALPHA
+    return Comparison(n1, n2, m1, m2, s1, s2, diff, pooled, t, df, p, significant)
+
+
+def verdict(c: Comparison, metric: str = "test MSE", lower_is_better: bool = True) -> str:
+    """One or two sentences stating the difference and whether it beats the seed-to-seed spread."""
+    if c.diff == 0:
+        better = "Neither variant"
+    else:
+        untied_better = (c.diff < 0) == lower_is_better
+        better = "Untied" if untied_better else "Tied"
+    rel = f" ({c.diff / abs(c.mean_tied):+.1%} of tied's mean)" if c.mean_tied else ""
+    head = (f"{better} has the {'lower' if lower_is_better else 'higher'} {metric}: "
+            f"untied - tied = {c.diff:+.3g}{rel}.")
+    if c.significant is None:
+        return (f"{head} With {min(c.n_tied, c.n_untied)} run per variant there is no "
+                "seed-to-seed spread to compare it with, so whether the difference is real "
+                "cannot be judged; run more seeds (ablation.seeds).")
+    spread = (f"{abs(c.diff) / c.pooled_std:.1f}x the pooled seed-to-seed std "
+              f"({c.pooled_std:.3g})" if c.pooled_std > 0 else "with no seed-to-seed spread")
+    test = f"Welch t = {c.t:.2f}, df = {c.df:.1f}, p = {c.p:.3g}"
+    if c.significant:
+        return (f"{head} The difference is {spread} and exceeds the seed-to-seed spread "
+                f"({test} < {ALPHA}).")
+    return (f"{head} The difference is {spread}, within the seed-to-seed spread ({test} >= "
+            f"{ALPHA}): no detectable difference in {metric} between tied and untied at "
+            f"n = {c.n_tied} and {c.n_untied} seeds.")
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def render_csv(rows: Sequence[dict]) -> str:
+    """One line per run, columns :data:`CSV_COLUMNS`; full float precision, empty if missing."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for row in rows:
+        writer.writerow([_cell(row[c]) for c in CSV_COLUMNS])
+    return buf.getvalue()
+
+
+def _by_variant(rows: Sequence[dict], key: str) -> dict[str, np.ndarray | None]:
+    """{variant: [S] values of ``key``}; None where any run of the variant lacks it."""
+    out = {}
+    for variant, tied in (("tied", True), ("untied", False)):
+        values = [r[key] for r in rows if r["tied"] == tied]
+        out[variant] = (None if any(v is None for v in values)
+                        else np.asarray(values, np.float64))
+    return out
+
+
+def _mean_std(values: np.ndarray | None, fmt: str) -> str:
+    if values is None or len(values) == 0:
+        return "n/a"
+    std = _std(values)
+    return f"{values.mean():{fmt}} ± {'n/a' if math.isnan(std) else format(std, fmt)}"
+
+
+_MD_METRICS = (  # (row key, column title, format)
+    ("test_mse", "test MSE", ".6f"), ("test_psnr", "test PSNR (dB)", ".2f"),
+    ("linear_probe_acc", "linear-probe acc.", ".4f"), ("wall_time_s", "run time (s)", ".1f"),
+    ("train_images_per_sec", "train images/s", ".0f"),
+)
+
+
+def render_markdown(rows: Sequence[dict], base: Config, ablation: AblationConfig) -> str:
+    """The report: setup, mean ± std per variant, parameter ratio, verdict(s) and the rule."""
+    params = _by_variant(rows, "num_params")
+    n = {v: len(x) for v, x in params.items()}
+    m, t, d = base.model, base.train, base.data
+    lines = [
+        "# Tied vs untied ablation", "",
+        f"Base config: `{d.name}`"
+        + (f" (first {d.max_train_examples} train images)" if d.max_train_examples else "")
+        + f", features {m.features}, kernel {m.kernel_size}, strides {m.strides}, "
+        f"{t.epochs} epoch(s), batch {t.batch_size}, {t.optimizer} lr {t.learning_rate:g}, "
+        f"loss {t.loss}. Seeds {ablation.seeds}: n = {n['tied']} tied and {n['untied']} "
+        "untied runs; one row per run in `ablation.csv`. Values are mean ± sample std over "
+        "seeds (ddof = 1).", "",
+        "| variant | n | parameters | " + " | ".join(title for _, title, _ in _MD_METRICS) + " |",
+        "|---" * (3 + len(_MD_METRICS)) + "|",
+    ]
+    for variant in ("tied", "untied"):
+        p = params[variant]
+        p_text = f"{int(p[0]):,}" if p is not None and np.all(p == p[0]) else _mean_std(p, ",.0f")
+        cells = [_mean_std(_by_variant(rows, key)[variant], fmt) for key, _, fmt in _MD_METRICS]
+        lines.append(f"| {variant} | {n[variant]} | {p_text} | " + " | ".join(cells) + " |")
+    ratio = float(params["untied"].mean() / params["tied"].mean())
+    lines += ["", f"Parameter ratio untied / tied: **{ratio:.3f}** "
+                  f"({params['untied'].mean():,.0f} / {params['tied'].mean():,.0f}).", "",
+              "## Verdict", ""]
+    mse = _by_variant(rows, "test_mse")
+    lines.append(verdict(compare(mse["tied"], mse["untied"]), "test MSE", lower_is_better=True))
+    acc = _by_variant(rows, "linear_probe_acc")
+    if acc["tied"] is not None and acc["untied"] is not None:
+        lines += ["", verdict(compare(acc["tied"], acc["untied"]), "linear-probe accuracy",
+                              lower_is_better=False)]
+    else:
+        lines += ["", "Linear-probe accuracy: n/a (not in every run's summary.json)."]
+    lines += ["", f"Rule: the difference of the means exceeds the seed-to-seed spread when "
+                  f"Welch's two-sample t-test (two-sided, unequal variances) on the per-seed "
+                  f"final values gives p < {ALPHA}; the pooled sample std is shown for scale. "
+                  "With one seed per variant there is no spread and no verdict.", "",
+              "`ablation.png`: test MSE per epoch (mean over seeds, band = min to max) and "
+              "final test MSE against parameter count (one point per run).", ""]
+    return "\n".join(lines)
+
+
+def write_reports(out_dir: str | os.PathLike, runs: Sequence[Run], base: Config,
+                  ablation: AblationConfig) -> list[dict]:
+    """Recompute ablation.csv/.md/.png from the finished run dirs; each written atomically."""
+    out_dir = Path(out_dir)
+    rows, curves = collect(runs)
+    csv_text, md_text = render_csv(rows), render_markdown(rows, base, ablation)
+    final = _by_variant(rows, "test_mse")
+    params = _by_variant(rows, "num_params")
+    epochs = np.arange(next(iter(curves.values())).shape[1])
+    title = (f"{base.data.name}: tied vs untied, {base.train.epochs} epoch(s), "
+             f"seeds {ablation.seeds}")
+    plots.save_ablation(out_dir / PNG_FILE, epochs, curves, final, params, title=title)
+    rundir.write_atomic(out_dir / CSV_FILE, csv_text)
+    rundir.write_atomic(out_dir / MD_FILE, md_text)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not usage + traceback-looking text
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _Parser(prog="python -m cae.ablate", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="ablation YAML (a training config plus "
+                        "an 'ablation' section)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a key, e.g. --set train.epochs=1 or --set "
+                             "ablation.seeds=[0,1] (repeatable)")
+    args = parser.parse_args(argv)
+    try:
+        base, ablation = load_ablation_config(args.config, args.set)
+        runs = run_sweep(base, ablation, log=lambda s: print(s, flush=True))
+        rows = write_reports(base.output.dir, runs, base, ablation)
+    except (ConfigError, data_lib.DataError, rundir.RunDirError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except train.TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to resume the sweep (finished runs are "
+              "reused, the interrupted one resumes from its last checkpoint)", file=sys.stderr)
+        return 130
+    out = Path(base.output.dir)
+    mse = _by_variant(rows, "test_mse")
+    print(f"done: {out / CSV_FILE}, {out / MD_FILE}, {out / PNG_FILE}")
+    print(verdict(compare(mse["tied"], mse["untied"])))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

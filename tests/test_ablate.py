@@ -1,0 +1,370 @@
+"""``python -m cae.ablate``: tied vs untied over seeds.
+
+Quick tests: the statistics and the verdict on hand-made numbers (checked against hand formulas
+and Student-t table values), the report's rendering, the figure's data, and every user mistake
+(one line, exit 2, nothing created). Slow test: a real small sweep on MNIST that is extended,
+rerun (reuse), resumed and refused with another config.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from conftest import REPO
+
+from cae import ablate, config, plots
+
+ABLATION = REPO / "configs" / "ablation_tied_vs_untied.yaml"
+
+# ----------------------------------------------------------------------------------------------
+# Statistics and verdict on hand-made numbers
+# ----------------------------------------------------------------------------------------------
+
+# Two-sided 5 % and 1 % critical values of Student's t with 4 degrees of freedom (printed tables).
+T_975_DF4, T_995_DF4 = 2.7764, 4.6041
+
+
+def test_compare_equal_spread_matches_hand_formulas():
+    c = ablate.compare([1.0, 2.0, 3.0], [4.0, 5.0, 6.0])
+    assert (c.n_tied, c.n_untied, c.mean_tied, c.mean_untied) == (3, 3, 2.0, 5.0)
+    assert c.std_tied == pytest.approx(1.0) and c.std_untied == pytest.approx(1.0)  # ddof=1
+    assert c.diff == 3.0 and c.pooled_std == pytest.approx(1.0)
+    assert c.t == pytest.approx(3.0 / math.sqrt(2.0 / 3.0))  # 3.674
+    assert c.df == pytest.approx(4.0)  # equal n and variance: Welch's df = 2n - 2
+    # 2.776 < t < 4.604 with 4 df  =>  0.01 < p < 0.05 (table values, not the code's library)
+    assert 0.01 < c.p < 0.05 and c.significant is True
+
+
+@pytest.mark.parametrize("t_crit, p_expected", [(T_975_DF4, 0.05), (T_995_DF4, 0.01)])
+def test_compare_p_value_at_table_critical_values(t_crit, p_expected):
+    d = t_crit * math.sqrt(2.0 / 3.0)  # samples with s = 1, n = 3: t = d / sqrt(2/3)
+    c = ablate.compare([0.0, 1.0, 2.0], [d, d + 1.0, d + 2.0])
+    assert c.t == pytest.approx(t_crit) and c.p == pytest.approx(p_expected, rel=2e-3)
+
+
+def test_compare_unequal_spread_uses_welch_df_and_is_not_significant():
+    c = ablate.compare([1.0, 2.0, 3.0], [2.0, 6.0, 10.0])  # variances 1 and 16
+    assert c.diff == 4.0
+    assert c.t == pytest.approx(4.0 / math.sqrt(17.0 / 3.0))  # 1.680
+    assert c.df == pytest.approx(578.0 / 257.0)  # Welch-Satterthwaite by hand: 2.249
+    assert c.pooled_std == pytest.approx(math.sqrt(8.5))
+    # t < 3.182, the 5 % critical value for 3 df (and df < 3 only raises it): p > 0.05
+    assert c.p > 0.05 and c.significant is False
+    text = ablate.verdict(c)
+    assert text.startswith("Tied has the lower test MSE: untied - tied = +4")
+    assert "within the seed-to-seed spread" in text and "exceeds" not in text
+
+
+def test_verdict_names_the_better_variant_for_both_directions():
+    c = ablate.compare([0.0030, 0.0031, 0.0032], [0.0020, 0.0021, 0.0022])
+    assert c.diff == pytest.approx(-0.001) and c.significant is True
+    mse = ablate.verdict(c, "test MSE", lower_is_better=True)
+    assert mse.startswith("Untied has the lower test MSE") and "exceeds the seed-to-seed" in mse
+    assert f"p = {c.p:.3g} < 0.05" in mse
+    acc = ablate.verdict(c, "accuracy", lower_is_better=False)
+    assert acc.startswith("Tied has the higher accuracy")
+
+
+def test_one_seed_has_no_spread_and_no_verdict():
+    c = ablate.compare([0.003], [0.002])
+    assert math.isnan(c.std_tied) and math.isnan(c.p) and c.significant is None
+    assert c.diff == pytest.approx(-0.001)
+    assert "cannot be judged" in ablate.verdict(c)
+
+
+def test_zero_spread():
+    assert ablate.compare([1.0, 1.0], [2.0, 2.0]).significant is True
+    same = ablate.compare([1.0, 1.0], [1.0, 1.0])
+    assert same.significant is False and same.diff == 0.0
+    assert ablate.verdict(same).startswith("Neither variant")
+
+
+def _rows(tied_mse, untied_mse, acc=None):
+    rows = []
+    for tied, values in ((True, tied_mse), (False, untied_mse)):
+        for seed, v in enumerate(values):
+            rows.append({"tied": tied, "seed": seed, "num_params": 100 if tied else 190,
+                         "test_mse": v, "test_psnr": 10 * math.log10(1 / v),
+                         "linear_probe_acc": None if acc is None else acc[tied][seed],
+                         "wall_time_s": 10.0 + seed, "train_images_per_sec": 1000.0 * (seed + 1),
+                         "run_dir": f"{'tied' if tied else 'untied'}_seed{seed}"})
+    return rows
+
+
+def test_csv_and_markdown_from_hand_made_rows():
+    tied, untied = [0.0030, 0.0034, 0.0029], [0.0025, 0.0027, 0.0024]
+    rows = _rows(tied, untied)
+    base = config.from_dict({})
+    md = ablate.render_markdown(rows, base, ablate.AblationConfig(seeds=[0, 1, 2]))
+    # mean ± sample std recomputed here; the parameter ratio 190 / 100
+    for values in (tied, untied):
+        assert f"{np.mean(values):.6f} ± {np.std(values, ddof=1):.6f}" in md
+    assert "untied / tied: **1.900**" in md and "n = 3 tied and 3 untied" in md
+    assert "| tied | 3 | 100 |" in md and "| untied | 3 | 190 |" in md
+    assert "Untied has the lower test MSE" in md and "Linear-probe accuracy: n/a" in md
+    parsed = list(csv.DictReader(io.StringIO(ablate.render_csv(rows))))
+    assert [(r["tied"], r["seed"]) for r in parsed] == [
+        ("true", "0"), ("true", "1"), ("true", "2"), ("false", "0"), ("false", "1"),
+        ("false", "2")]
+    assert [float(r["test_mse"]) for r in parsed] == tied + untied  # full precision
+    assert all(r["linear_probe_acc"] == "" for r in parsed)
+
+
+def test_markdown_with_probe_accuracy_and_with_one_seed():
+    acc = {True: [0.90, 0.91], False: [0.80, 0.81]}
+    md = ablate.render_markdown(_rows([0.003, 0.0031], [0.002, 0.0021], acc),
+                                config.from_dict({}), ablate.AblationConfig(seeds=[0, 1]))
+    assert "Tied has the higher linear-probe accuracy" in md
+    assert f"{0.905:.4f} ± {np.std([0.90, 0.91], ddof=1):.4f}" in md
+    one = ablate.render_markdown(_rows([0.003], [0.002]), config.from_dict({}),
+                                 ablate.AblationConfig(seeds=[0]))
+    assert "0.003000 ± n/a" in one and "cannot be judged" in one
+
+
+def test_ablation_figure_draws_mean_band_and_points():
+    curves = {"tied": np.array([[0.2, 0.010, 0.004], [0.2, 0.012, 0.006]]),
+              "untied": np.array([[0.2, 0.009, 0.003], [0.3, 0.011, 0.005]])}
+    final = {v: c[:, -1] for v, c in curves.items()}
+    params = {"tied": np.array([100, 100]), "untied": np.array([190, 190])}
+    fig = plots.ablation_figure(np.arange(3), curves, final, params, title="t")
+    left, right = fig.axes
+    np.testing.assert_allclose(left.lines[0].get_ydata(), [0.2, 0.011, 0.005])
+    np.testing.assert_allclose(left.lines[1].get_ydata(), [0.25, 0.010, 0.004])
+    band = left.collections[0].get_paths()[0].vertices  # tied: min..max over seeds
+    assert band[:, 1].min() == pytest.approx(0.004) and band[:, 1].max() == pytest.approx(0.2)
+    points = right.collections[0].get_offsets()
+    np.testing.assert_allclose(points, [[100, 0.004], [100, 0.006]])
+    assert left.get_yscale() == "log" and right.get_xlabel() == "parameters"
+
+
+# ----------------------------------------------------------------------------------------------
+# User mistakes: one line, exit 2, nothing created
+# ----------------------------------------------------------------------------------------------
+
+
+def _main(capsys, *args):
+    code = ablate.main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+BAD_SETS = [
+    (["ablation.foo=1"], r"--set ablation\.foo: unknown key; allowed in ablation are \['seeds'\]"),
+    (["ablation.seeds=abc"], r"ablation\.seeds='abc': expected list of \(int\)"),
+    (["ablation.seeds=[]"], r"ablation\.seeds=\[\]: need at least one seed"),
+    (["ablation.seeds=[0,2,0]"], r"ablation\.seeds=\[0, 2, 0\]: seed 0 appears twice"),
+    (["ablation.seeds=[1,-1]"], r"ablation\.seeds\[1\]=-1: must be >= 0"),
+    (["ablation.seeds=[true]"], r"ablation\.seeds\[0\]=True: expected int"),
+    (["model.tied=false"], r"--set model\.tied: set by the sweep"),
+    (["train.seed=3"], r"--set train\.seed: set by the sweep; list the seeds in ablation\.seeds"),
+    (["nope.x=1"], r"--set nope\.x: expected section\.key with section one of \['ablation'"),
+    (["train.nope=1"], r"--set train\.nope: unknown key; allowed in train are"),
+    (["train.epochs=0"], r"train\.epochs=0: must be >= 1"),
+]
+
+
+@pytest.mark.parametrize("sets, message", BAD_SETS, ids=[s[0] for s, _ in BAD_SETS])
+def test_bad_overrides_exit_2_with_one_line_and_nothing_created(capsys, tmp_path, sets,
+                                                                message):
+    out = tmp_path / "sweep"
+    args = ["--config", str(ABLATION), "--set", f"output.dir={out}"]
+    for s in sets:
+        args += ["--set", s]
+    code, stdout, err = _main(capsys, *args)
+    assert code == 2 and stdout == ""
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
+    assert re.search(message, err), err
+    assert not out.exists()
+
+
+BAD_FILES = [
+    ("ablation: {seeds: [0], repeats: 2}\n", r"unknown key ablation\.repeats: allowed in "
+                                             r"ablation are \['seeds'\]"),
+    ("ablation: [0, 1]\n", r"ablation: expected a mapping of keys, got \[0, 1\]"),
+    ("ablation: {seeds: 3}\n", r"ablation\.seeds=3: expected list of \(int\)"),
+    ("sweep: {seeds: [0]}\n", r"unknown section 'sweep': allowed are \['ablation', 'data'"),
+    ("model: {nope: 1}\n", r"unknown key model\.nope"),
+]
+
+
+@pytest.mark.parametrize("text, message", BAD_FILES, ids=[m[:20] for _, m in BAD_FILES])
+def test_bad_files_exit_2_with_one_line_and_nothing_created(capsys, tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text + f"output: {{dir: {tmp_path / 'sweep'}}}\n")
+    code, stdout, err = _main(capsys, "--config", str(path))
+    assert code == 2 and stdout == ""
+    assert len(err.strip().splitlines()) == 1 and re.search(message, err), err
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_tied_and_seed_in_the_file_are_dropped_with_a_note(tmp_path):
+    path = tmp_path / "base.yaml"
+    path.write_text("model: {tied: false, features: [8]}\ntrain: {seed: 7, epochs: 1}\n"
+                    "ablation: {seeds: [3, 4]}\n")
+    notes = []
+    base, sweep = ablate.load_ablation_config(path, ["ablation.seeds=[4,5]"], note=notes.append)
+    assert sweep.seeds == [4, 5] and base.model.features == [8] and base.train.epochs == 1
+    assert len(notes) == 2 and "model.tied=False" in notes[0] and "train.seed=7" in notes[1]
+    runs = ablate.plan_runs(base, sweep)
+    assert [(r.name, r.cfg.model.tied, r.cfg.train.seed) for r in runs] == [
+        ("tied_seed4", True, 4), ("untied_seed4", False, 4),
+        ("tied_seed5", True, 5), ("untied_seed5", False, 5)]
+    assert all(r.dir == Path(base.output.dir) / r.name for r in runs)
+
+
+def test_unusable_output_dirs_are_refused_before_training(capsys, tmp_path):
+    run_dir = tmp_path / "a_train_run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("{}\n")
+    code, _, err = _main(capsys, "--config", str(ABLATION), "--set", f"output.dir={run_dir}")
+    assert code == 2 and "is a cae.train run directory" in err
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml"]
+    foreign = tmp_path / "foreign"
+    (foreign / "untied_seed1").mkdir(parents=True)
+    (foreign / "untied_seed1" / "notes.txt").write_text("mine")
+    code, _, err = _main(capsys, "--config", str(ABLATION), "--set", f"output.dir={foreign}")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "untied_seed1 is not empty and is not a cae run directory" in err
+    assert sorted(p.name for p in foreign.rglob("*")) == ["notes.txt", "untied_seed1"]
+
+
+def test_cli_in_a_child_process_has_no_traceback(tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-m", "cae.ablate", "--config", str(ABLATION),
+                           "--set", "ablation.seeds=[0,0]", "--set",
+                           f"output.dir={tmp_path / 'x'}"],
+                          env=env, cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [
+        "error: ablation.seeds=[0, 0]: seed 0 appears twice; list each seed once"]
+
+
+# ----------------------------------------------------------------------------------------------
+# A real sweep (small): results, reuse, extension, resume, another config
+# ----------------------------------------------------------------------------------------------
+
+SMALL = ["model.features=[8,16]", "train.epochs=1", "train.batch_size=64",
+         "train.learning_rate=3e-3", "data.max_train_examples=2048", "output.progress=off"]
+
+
+def _sweep(capsys, mnist_dirs, out, *sets):
+    args = ["--config", str(ABLATION), "--set", f"output.dir={out}",
+            "--set", f"data.data_dir={mnist_dirs['data_dir']}"]
+    if mnist_dirs["manual_dir"]:
+        args += ["--set", f"data.manual_dir={mnist_dirs['manual_dir']}"]
+    for s in [*SMALL, *sets]:
+        args += ["--set", s]
+    return _main(capsys, *args)
+
+
+def _summary_mtimes(out):
+    return {p.parent.name: p.stat().st_mtime_ns for p in sorted(out.glob("*/summary.json"))}
+
+
+@pytest.mark.slow
+def test_small_sweep_end_to_end(capsys, mnist_dirs, tmp_path):
+    out = tmp_path / "sweep"
+    # 1. One seed first (the sweep "interrupted" after its first seed) ...
+    code, stdout, err = _sweep(capsys, mnist_dirs, out, "ablation.seeds=[0]")
+    assert code == 0, err
+    assert "cannot be judged" in (out / "ablation.md").read_text()
+    first = _summary_mtimes(out)
+    assert sorted(first) == ["tied_seed0", "untied_seed0"]
+
+    # 2. ... then two: seed 0 is reused untouched, seed 1 trained.
+    code, stdout, err = _sweep(capsys, mnist_dirs, out, "ablation.seeds=[0,1]")
+    assert code == 0, err
+    assert "[1/4] tied_seed0: finished earlier, reusing" in stdout
+    assert "[2/4] untied_seed0: finished earlier, reusing" in stdout
+    assert "[3/4] tied_seed1: training" in stdout and "[4/4] untied_seed1: done" in stdout
+    mtimes = _summary_mtimes(out)
+    assert {k: mtimes[k] for k in first} == first
+
+    rows = list(csv.DictReader(io.StringIO((out / "ablation.csv").read_text())))
+    assert [(r["tied"], r["seed"], r["run_dir"]) for r in rows] == [
+        ("true", "0", "tied_seed0"), ("false", "0", "untied_seed0"),
+        ("true", "1", "tied_seed1"), ("false", "1", "untied_seed1")]
+    for r in rows:
+        run = out / r["run_dir"]
+        summary = json.loads((run / "summary.json").read_text())
+        saved = config.from_dict(yaml.safe_load((run / "config.yaml").read_text()))
+        assert saved.model.tied == (r["tied"] == "true") and saved.train.seed == int(r["seed"])
+        for key in ("num_params", "test_mse", "test_psnr", "wall_time_s",
+                    "train_images_per_sec"):
+            assert float(r[key]) == summary[key], key
+        assert r["linear_probe_acc"] == ("" if summary.get("linear_probe_acc") is None
+                                         else repr(summary["linear_probe_acc"]))
+        assert summary["test_mse"] < 0.2  # trained: well below an untrained model's
+    # Parameter count by hand: untied adds one decoder kernel per encoder kernel (3x3x1x8 +
+    # 3x3x8x16); tied = those kernels + encoder biases (8 + 16) + decoder biases (8 + 1).
+    kernels = 3 * 3 * 1 * 8 + 3 * 3 * 8 * 16
+    assert {int(r["num_params"]) for r in rows if r["tied"] == "true"} == {kernels + 24 + 9}
+    assert {int(r["num_params"]) for r in rows if r["tied"] == "false"} == {2 * kernels + 33}
+
+    # ablation.md: statistics recomputed from the CSV with NumPy, and a consistent verdict.
+    md = (out / "ablation.md").read_text()
+    mse = {v: np.array([float(r["test_mse"]) for r in rows if r["tied"] == v])
+           for v in ("true", "false")}
+    for v in mse.values():
+        assert f"{v.mean():.6f} ± {np.std(v, ddof=1):.6f}" in md
+    ratio = (2 * kernels + 33) / (kernels + 33)
+    assert f"untied / tied: **{ratio:.3f}**" in md
+    a, b = mse["true"], mse["false"]
+    t = (b.mean() - a.mean()) / math.sqrt(a.var(ddof=1) / 2 + b.var(ddof=1) / 2)
+    assert f"Welch t = {t:.2f}" in md
+    better = "Untied" if b.mean() < a.mean() else "Tied"
+    assert f"{better} has the lower test MSE: untied - tied = {b.mean() - a.mean():+.3g}" in md
+    from scipy import stats
+
+    p = stats.ttest_ind(b, a, equal_var=False).pvalue
+    assert ("exceeds the seed-to-seed spread" in md) == (p < 0.05)
+    assert ("within the seed-to-seed spread" in md) == (p >= 0.05)
+
+    # ablation.png: a real PNG; the curves it plots are the runs' metrics.jsonl.
+    from matplotlib import image
+
+    assert image.imread(out / "ablation.png").shape[:2] == (400, 1000)
+    base, sweep = ablate.load_ablation_config(
+        ABLATION, [f"output.dir={out}", *SMALL, "ablation.seeds=[0,1]"], note=lambda s: None)
+    _, curves = ablate.collect(ablate.plan_runs(base, sweep))
+    metrics = [json.loads(line) for line in (out / "untied_seed1" / "metrics.jsonl")
+               .read_text().splitlines()]
+    np.testing.assert_array_equal(curves["untied"][1],
+                                  [metrics[0]["initial_test_mse"], metrics[0]["test_mse"]])
+
+    # 3. The same command again: nothing retrained, the same reports.
+    reports = {f: (out / f).read_bytes() for f in ("ablation.csv", "ablation.md")}
+    code, stdout, err = _sweep(capsys, mnist_dirs, out, "ablation.seeds=[0,1]")
+    assert code == 0 and stdout.count("finished earlier, reusing") == 4, stdout
+    assert _summary_mtimes(out) == mtimes
+    assert {f: (out / f).read_bytes() for f in reports} == reports
+
+    # 4. A run killed after its last checkpoint but before its summary resumes, same numbers.
+    (out / "untied_seed1" / "summary.json").unlink()
+    code, stdout, err = _sweep(capsys, mnist_dirs, out, "ablation.seeds=[0,1]")
+    assert code == 0 and "[4/4] untied_seed1: resuming from its last checkpoint" in stdout
+    assert stdout.count("finished earlier, reusing") == 3
+    resumed = list(csv.DictReader(io.StringIO((out / "ablation.csv").read_text())))
+    assert [r["test_mse"] for r in resumed] == [r["test_mse"] for r in rows]
+
+    # 5. Another config on finished runs: refused before anything is touched.
+    before = _summary_mtimes(out), (out / "ablation.csv").stat().st_mtime_ns
+    code, stdout, err = _sweep(capsys, mnist_dirs, out, "ablation.seeds=[0,1]",
+                               "train.learning_rate=1e-3")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert re.search(r"tied_seed0 holds a finished run with another config \(train\."
+                     r"learning_rate: saved 0\.003, now 0\.001\); choose another output\.dir "
+                     r"or set output\.overwrite=true", err), err
+    assert (_summary_mtimes(out), (out / "ablation.csv").stat().st_mtime_ns) == before
