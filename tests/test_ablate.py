@@ -329,8 +329,10 @@ def test_small_sweep_end_to_end(capsys, mnist_dirs, tmp_path):
     from scipy import stats
 
     p = stats.ttest_ind(b, a, equal_var=False).pvalue
-    assert ("exceeds the seed-to-seed spread" in md) == (p < 0.05)
-    assert ("within the seed-to-seed spread" in md) == (p >= 0.05)
+    mse_verdict = md.split("## Verdict\n\n", 1)[1].split("\n", 1)[0]
+    assert mse_verdict.startswith(f"{better} has the lower test MSE")
+    assert ("exceeds the seed-to-seed spread" in mse_verdict) == (p < 0.05)
+    assert ("within the seed-to-seed spread" in mse_verdict) == (p >= 0.05)
 
     # ablation.png: a real PNG; the curves it plots are the runs' metrics.jsonl.
     from matplotlib import image
