@@ -11,8 +11,12 @@ working directory, and must finish in under 2 minutes.
 
 from __future__ import annotations
 
+import csv
+import importlib.util
+import json
 import os
 import time
+from pathlib import Path
 
 import nbformat
 import pytest
@@ -57,7 +61,7 @@ def _outputs(nb) -> tuple[str, list[str]]:
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", [TRANSPOSED], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [TRANSPOSED, RECONSTRUCTIONS], ids=lambda p: p.name)
 def test_committed_notebook_is_valid_and_stripped(path):
     """Outputs are stripped in git: no outputs, no execution counts, valid nbformat 4."""
     assert path.is_file(), f"{path} is missing"
@@ -104,6 +108,84 @@ def test_transposed_convolution_notebook_fails_on_a_wrong_transpose():
     setup = next(i for i, c in enumerate(nb.cells) if c.cell_type == "code")
     nb.cells.insert(setup + 1, nbformat.v4.new_code_cell(
         "_true_transpose = ops.conv_transpose\n"
-        "ops.conv_transpose = lambda y, k, *a, **kw: _true_transpose(y, k[::-1, ::-1], *a, **kw)"))
+        "def _look_alike(y, kernel, strides=1, padding=0, output_padding=0, *, impl=None):\n"
+        "    return _true_transpose(y, kernel[::-1, ::-1], strides, padding, output_padding,\n"
+        "                           impl=impl)\n"
+        "ops.conv_transpose = _look_alike"))
     with pytest.raises(CellExecutionError, match="Not equal to tolerance"):
         _execute(nb)
+
+
+# ----------------------------------------------------------------------------------------------
+# reconstructions.ipynb
+# ----------------------------------------------------------------------------------------------
+
+
+def _ablation_dir(mnist_dirs, out: Path) -> Path:
+    """A tiny tied-vs-untied ablation (one seed, 512 train images, the smoke model) made by the
+    real command line, ``python -m cae.ablate`` (its ``main``, in this process)."""
+    from cae import ablate
+
+    sets = ["ablation.seeds=[0]", "data.max_train_examples=512", f"output.dir={out}",
+            "output.progress=false", f"data.data_dir={mnist_dirs['data_dir']}"]
+    if mnist_dirs["manual_dir"]:
+        sets.append(f"data.manual_dir={mnist_dirs['manual_dir']}")
+    argv = ["--config", str(REPO / "configs" / "smoke.yaml")]
+    for item in sets:
+        argv += ["--set", item]
+    assert ablate.main(argv) == 0
+    return out
+
+
+@pytest.mark.slow
+def test_reconstructions_notebook_shows_the_run_and_the_ablation(mnist_dirs, subprocess_env,
+                                                                 tmp_path):
+    ablation = _ablation_dir(mnist_dirs, tmp_path / "ablation")
+    run = ablation / "tied_seed0"  # an ordinary cae.train run dir, made by the sweep
+    summary = json.loads((run / "summary.json").read_text())
+    with open(ablation / "ablation.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["run_dir"] for r in rows] == ["tied_seed0", "untied_seed0"]
+
+    nb = nbformat.read(RECONSTRUCTIONS, as_version=4)
+    env = {**subprocess_env, "CAE_RUN_DIR": str(run), "CAE_ABLATION_DIR": str(ablation)}
+    seconds = _execute(nb, env)
+    assert seconds < TIME_LIMIT_S, f"took {seconds:.0f} s"
+    text, mimes = _outputs(nb)
+
+    assert "not found" not in text
+    # The run's numbers, as the summary table formats them (6 significant digits).
+    for key in ("test_mse", "test_psnr", "initial_test_mse"):
+        assert f"| {key} | {summary[key]:.6g} |" in text, key
+    assert f"| num_params | {summary['num_params']} |" in text
+    # Every picture of the run is shown (cae.visualize, where installed, has just made its own).
+    pictures = sorted(p.name for p in run.glob("*.png"))
+    assert "reconstructions.png" in pictures
+    if importlib.util.find_spec("cae.visualize") is not None:
+        assert len(pictures) > 1, pictures
+    for name in pictures:
+        assert f"**{name}**" in text, name
+    # The ablation: its report, one table row per run with that run's numbers, its picture, and
+    # the reconstructions of both variants.
+    md_report = (ablation / "ablation.md").read_text()
+    assert md_report.splitlines()[0] in text and "## Verdict" in text
+    for r in rows:
+        assert f"| {r['num_params']} | {float(r['test_mse']):.6g} |" in text, r
+        assert f"**{r['run_dir']}**" in text
+    assert "**ablation.png**" in text
+    # Images: the metrics figure drawn by the notebook, the run's pictures, ablation.png, and
+    # the two variants' reconstructions.png.
+    assert mimes.count("image/png") == 1 + len(pictures) + 1 + 2
+
+
+@pytest.mark.slow
+def test_reconstructions_notebook_without_directories_says_how_to_make_them(tmp_path):
+    nb = nbformat.read(RECONSTRUCTIONS, as_version=4)
+    env = {**os.environ, "CAE_RUN_DIR": str(tmp_path / "no_run"),
+           "CAE_ABLATION_DIR": str(tmp_path / "no_ablation")}
+    _execute(nb, env)
+    text, mimes = _outputs(nb)
+    assert "python -m cae.train --config configs/mnist_tied.yaml" in text
+    assert "python -m cae.ablate --config configs/ablation_tied_vs_untied.yaml" in text
+    assert text.count("not found**: this section is skipped") == 2
+    assert "image/png" not in mimes
