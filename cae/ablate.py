@@ -418,7 +418,7 @@ def _mean_std(values: np.ndarray | None, fmt: str) -> str:
 
 _MD_METRICS = (  # (row key, column title, format)
     ("test_mse", "test MSE", ".6f"), ("test_psnr", "test PSNR (dB)", ".2f"),
-    ("linear_probe_acc", "linear-probe acc.", ".4f"), ("wall_time_s", "run time (s)", ".1f"),
+    ("linear_probe_acc", "linear-probe acc.", ".4f"), ("wall_time_s", "wall time (s)", ".1f"),
     ("train_images_per_sec", "train images/s", ".0f"),
 )
 

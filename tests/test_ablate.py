@@ -208,6 +208,22 @@ def test_bad_files_exit_2_with_one_line_and_nothing_created(capsys, tmp_path, te
     assert not (tmp_path / "sweep").exists()
 
 
+@pytest.mark.parametrize("sets, message", [
+    (["data.name=not_a_dataset"], r"data\.name='not_a_dataset': not a TFDS dataset"),
+    (["data.max_train_examples=100"], r"train\.batch_size=128: larger than the 100 training"),
+])
+def test_data_and_geometry_mistakes_leave_no_output_dir(capsys, mnist_dirs, tmp_path, sets,
+                                                        message):
+    out = tmp_path / "sweep"
+    args = ["--config", str(ABLATION), "--set", f"output.dir={out}",
+            "--set", f"data.data_dir={mnist_dirs['data_dir']}"]
+    for s in sets:
+        args += ["--set", s]
+    code, _, err = _main(capsys, *args)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and re.search(message, err), err
+    assert not out.exists()
+
+
 def test_tied_and_seed_in_the_file_are_dropped_with_a_note(tmp_path):
     path = tmp_path / "base.yaml"
     path.write_text("model: {tied: false, features: [8]}\ntrain: {seed: 7, epochs: 1}\n"
