@@ -134,11 +134,12 @@ def load_ablation_config(path: str | os.PathLike, overrides: Sequence[str] = (),
     unknown = sorted(set(raw) - set(sections))
     if unknown:
         raise ConfigError(f"unknown section {unknown[0]!r}: allowed are {sorted(sections)}")
+    notes = []
     for (section, key), why in SWEPT.items():
         values = raw.get(section)
         if isinstance(values, dict) and key in values:
             # A training config used as the base: say that its value is not used, and go on.
-            note(f"note: {section}.{key}={values[key]!r} in {path} is not used: {why}")
+            notes.append(f"note: {section}.{key}={values[key]!r} in {path} is not used: {why}")
             raw[section] = {k: v for k, v in values.items() if k != key}
     ablation_raw = raw.pop("ablation", None)
     ablation_raw = {} if ablation_raw is None else ablation_raw  # a non-mapping: error below
@@ -168,7 +169,10 @@ def load_ablation_config(path: str | os.PathLike, overrides: Sequence[str] = (),
                               f"{sorted(sections)}")
         train_overrides.append(item)
     base = config_lib.from_dict(config_lib.apply_overrides(raw, train_overrides))
-    return base, _ablation_from_dict(ablation_raw)
+    ablation = _ablation_from_dict(ablation_raw)
+    for line in notes:  # only for a valid config: an error stays the only line
+        note(line)
+    return base, ablation
 
 
 def plan_runs(base: Config, ablation: AblationConfig) -> list[Run]:

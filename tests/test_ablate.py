@@ -237,6 +237,9 @@ def test_tied_and_seed_in_the_file_are_dropped_with_a_note(tmp_path):
         ("tied_seed4", True, 4), ("untied_seed4", False, 4),
         ("tied_seed5", True, 5), ("untied_seed5", False, 5)]
     assert all(r.dir == Path(base.output.dir) / r.name for r in runs)
+    with pytest.raises(config.ConfigError, match=r"^train\.epochs=0: must be >= 1$"):
+        ablate.load_ablation_config(path, ["train.epochs=0"], note=notes.append)
+    assert len(notes) == 2  # a mistake is reported alone, without the notes
 
 
 def test_unusable_output_dirs_are_refused_before_training(capsys, tmp_path):
