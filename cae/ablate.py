@@ -478,7 +478,11 @@ def write_reports(out_dir: str | os.PathLike, runs: Sequence[Run], base: Config,
     csv_text, md_text = render_csv(rows), render_markdown(rows, base, ablation)
     final = _by_variant(rows, "test_mse")
     params = _by_variant(rows, "num_params")
-    epochs = np.arange(next(iter(curves.values())).shape[1])
+    # Epoch 0 (the untrained model, ~100x the final MSE) only when there is a single epoch: it
+    # would squeeze the trained epochs, where tied and untied differ, into a sliver of the axis.
+    first = 1 if next(iter(curves.values())).shape[1] > 2 else 0
+    curves = {v: c[:, first:] for v, c in curves.items()}
+    epochs = np.arange(first, first + next(iter(curves.values())).shape[1])
     title = (f"{base.data.name}: tied vs untied, {base.train.epochs} epoch(s), "
              f"seeds {ablation.seeds}")
     plots.save_ablation(out_dir / PNG_FILE, epochs, curves, final, params, title=title)

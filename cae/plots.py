@@ -82,7 +82,7 @@ def ablation_figure(epochs: np.ndarray, curves: dict[str, np.ndarray],
         right.scatter([x.mean()], [y.mean()], marker="_", s=600, color=color, linewidths=2)
     left.set_yscale("log")
     left.set_xticks(epochs)
-    left.set_xlabel("epoch (0 = before training)")
+    left.set_xlabel("epoch (0 = before training)" if 0 in epochs else "epoch")
     left.set_ylabel("test MSE (per pixel, log scale)")
     left.set_title("test MSE per epoch")
     left.grid(True, which="both", alpha=0.3)
@@ -90,7 +90,7 @@ def ablation_figure(epochs: np.ndarray, curves: dict[str, np.ndarray],
     right.set_xlabel("parameters")
     right.set_ylabel("final test MSE (per pixel)")
     right.set_title("final test MSE vs parameter count (bar: mean)")
-    right.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+    right.yaxis.set_major_formatter("{x:.3g}")  # no offset text: it collides with the title
     right.xaxis.set_major_formatter("{x:,.0f}")
     lo = min(np.min(v) for v in num_params.values())
     hi = max(np.max(v) for v in num_params.values())
