@@ -522,6 +522,50 @@ def test_grads_match_autodiff_and_references(case, impl):
                  err_msg="d/dK vs NumPy")
 
 
+@pytest.mark.parametrize("case", case_params(GRAD_CASES))
+def test_conv_grads_match_lax_autodiff_and_references(case):
+    """d sum(conv(x, K) * y) / d(x, K): ops.conv's custom VJP (conv_transpose + im2col matmul)
+    == JAX's autodiff of plain lax.conv_general_dilated == (col2im of y, NumPy sum), also when
+    the same step runs inside lax.scan (where the fast path matters). Cases include rows of x
+    that no window reaches (output_padding > 0): their cotangent must be 0."""
+    x, y, kernel, _ = case.arrays()
+
+    def loss(conv_fn):
+        return lambda x, k: jnp.sum(conv_fn(x, k) * y)
+
+    def plain(x, k):
+        return lax.conv_general_dilated(x, k, case.s, case.pads,
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    ours = jax.jit(jax.grad(loss(lambda x, k: ops.conv(x, k, case.s, case.pads)), (0, 1)))
+    gx, gk = ours(x, kernel)
+    ax, ak = jax.grad(loss(plain), (0, 1))(x, kernel)
+    assert_close(gx, ax, err_msg="d/dx vs autodiff")
+    assert_close(gk, ak, err_msg="d/dK vs autodiff")
+    assert_close(gx, ref_col2im(y, kernel, case.s, case.pads, case.x_hw), err_msg="d/dx vs col2im")
+    assert_close(gk, ref_kernel_grad(x, y, case.k, case.s, case.pads), rtol=1e-4, atol=1e-4,
+                 err_msg="d/dK vs NumPy")
+    stacked = jnp.stack([x, 2 * x])
+    _, (sx, sk) = jax.jit(lambda xs: lax.scan(lambda c, xi: (c, ours(xi, kernel)), 0.0, xs))(
+        stacked)
+    assert_close(sx[1], gx)
+    assert_close(sk[1], 2 * np.asarray(gk), rtol=1e-4, atol=1e-4)
+
+
+def test_kernel_cotangent_without_a_patch_matrix(monkeypatch):
+    """Above ``_MAX_PATCH_ELEMENTS`` the kernel gradient is one matmul per tap, summed: same
+    values as the single im2col matmul."""
+    case = make_case((3, 4), (2, 3), ((1, 2), (0, 1)), (1, 2), (3, 4))
+    _, y, kernel, g = case.arrays()
+    whole = grad_ct(y, kernel, g, **case.kw(), impl="lax")[1]
+    monkeypatch.setattr(ops, "_MAX_PATCH_ELEMENTS", 0)
+    jax.clear_caches()
+    per_tap = grad_ct(y, kernel, g, **case.kw(), impl="lax")[1]
+    jax.clear_caches()
+    assert_close(per_tap, whole, rtol=1e-5, atol=1e-5)
+    assert_close(per_tap, ref_kernel_grad(g, y, case.k, case.s, case.pads), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_custom_grad_where_autodiff_aborts_xla(impl):
     """Geometry where jax.grad of plain lax.conv_transpose w.r.t. the kernel aborts the process
@@ -585,17 +629,17 @@ def test_custom_backward_is_the_one_used(monkeypatch, impl):
     assert len(calls) == 2
 
 
-def _conv_eqns(jaxpr):
-    """All conv_general_dilated equations, recursing into sub-jaxprs (jit, custom_vjp...)."""
+def _conv_eqns(jaxpr, primitives=("conv_general_dilated",)):
+    """All equations of ``primitives``, recursing into sub-jaxprs (jit, custom_vjp...)."""
     out = []
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "conv_general_dilated":
+        if eqn.primitive.name in primitives:
             out.append(eqn)
         for v in eqn.params.values():
             for sub in (v if isinstance(v, (list, tuple)) else [v]):
                 inner = getattr(sub, "jaxpr", sub)
                 if hasattr(inner, "eqns"):
-                    out.extend(_conv_eqns(inner))
+                    out.extend(_conv_eqns(inner, primitives))
     return out
 
 
@@ -840,8 +884,8 @@ def test_bf16_accumulates_in_f32(impl):
     assert gk.dtype == jnp.bfloat16
     assert abs(float(gk.reshape(())) - exact_k) <= 2**-8 * exact_k
     jaxpr = jax.make_jaxpr(jax.value_and_grad(loss, (0, 1)))(y2, k2).jaxpr
-    eqns = _conv_eqns(jaxpr)
-    assert len(eqns) >= 3  # forward, input cotangent, kernel cotangent
+    eqns = _conv_eqns(jaxpr, ("conv_general_dilated", "dot_general"))
+    assert len(eqns) >= 3  # forward, input cotangent, kernel cotangent (a conv or a matmul)
     assert all(e.params["preferred_element_type"] == jnp.float32 for e in eqns), \
         [e.params["preferred_element_type"] for e in eqns]
 
