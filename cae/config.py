@@ -61,6 +61,8 @@ class TrainConfig:
     warmup_steps: int = 0
     loss: Literal["bce", "mse"] = "bce"  # bce on logits, or mse on sigmoid outputs
     seed: int = 0
+    linear_probe: bool = True  # fit a linear classifier on the codes at the end (summary.json)
+    dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype; parameters stay float32
 
 
 @dataclasses.dataclass

@@ -62,6 +62,9 @@ def import_tfds():
     JAX, so GPUs are hidden from it before anything else touches TensorFlow.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    # TF 2.21 announces its oneDNN kernels on stderr whatever the log level; TF only reads
+    # files here, so its oneDNN math is irrelevant and switching it off keeps stderr clean.
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     import tensorflow as tf
     import tensorflow_datasets as tfds
 
