@@ -60,6 +60,32 @@ def make_mesh() -> Mesh:
     return Mesh(np.asarray(jax.devices()), (BATCH_AXIS,))
 
 
+# Where these say there are several processes, ``main`` joins them before JAX does anything.
+CLUSTER_ENV_VARS = ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE",
+                    "TPU_WORKER_HOSTNAMES")
+
+
+def maybe_initialize_distributed() -> bool:
+    """Call ``jax.distributed.initialize()`` when launched as one of several processes.
+
+    Slurm (``srun``), Open MPI (``mpirun``) and Cloud TPU pods are detected by JAX itself; any
+    other launcher sets ``JAX_COORDINATOR_ADDRESS`` (host:port of process 0),
+    ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``. Returns whether it initialised.
+    """
+    env = os.environ
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        num, pid = env.get("JAX_NUM_PROCESSES"), env.get("JAX_PROCESS_ID")
+        jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"],
+                                   int(num) if num else None, int(pid) if pid else None)
+        return True
+    several = (int(env.get("SLURM_NTASKS", "1") or 1) > 1
+               or int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1
+               or "," in env.get("TPU_WORKER_HOSTNAMES", ""))
+    if several:
+        jax.distributed.initialize()
+    return several
+
+
 def sharding(mesh: Mesh, spec: P | None = None) -> jax.sharding.Sharding:
     """``NamedSharding(mesh, spec)`` (default: replicated); a plain single-device sharding when
     there is one device: a jit whose inputs carry a NamedSharding goes through XLA's SPMD
@@ -433,6 +459,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="override a config key, e.g. --set train.epochs=3 (repeatable)")
     args = parser.parse_args(argv)
     try:
+        maybe_initialize_distributed()
         cfg = config_lib.load_config(args.config, args.set)
         summary = train_and_evaluate(cfg)
     except (ConfigError, data_lib.DataError, rundir.RunDirError) as e:
