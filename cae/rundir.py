@@ -64,8 +64,14 @@ _RESUME_FREE = {("output", "overwrite"), ("output", "progress"), ("output", "dir
 
 
 def _comparable(cfg: dict) -> dict:
+    """The keys that must match to resume. Keys missing from a saved config (written before the
+    key existed) count as their default value, so adding a config key does not orphan old runs."""
+    from cae.config import Config, to_dict
+
+    merged = {s: {**keys, **(cfg.get(s) or {})} for s, keys in to_dict(Config()).items()}
+    merged.update({s: v for s, v in cfg.items() if s not in merged})
     return {s: {k: v for k, v in keys.items() if (s, k) not in _RESUME_FREE}
-            for s, keys in cfg.items()}
+            for s, keys in merged.items()}
 
 
 def prepare_run_dir(run_dir: str | os.PathLike, resolved: dict, overwrite: bool) -> bool:

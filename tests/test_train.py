@@ -302,3 +302,18 @@ def test_cli_end_to_end_in_a_child_process(subprocess_env, tmp_path):
     assert not [line for line in err.splitlines() if line.strip()], err  # no log noise
     summary = json.loads((tmp_path / "cli" / "summary.json").read_text())
     assert summary["test_mse"] < summary["initial_test_mse"] / 4
+
+
+def test_resume_check_fills_keys_added_since_the_run_was_saved():
+    """A run saved before a config key existed resumes under the key's default value, and
+    any real difference is still caught."""
+    new = config.to_dict(config.load_config(SMOKE))
+    old = {s: dict(keys) for s, keys in new.items()}
+    del old["train"]["dtype"]
+    assert rundir._first_difference(rundir._comparable(old), rundir._comparable(new)) is None
+    changed = {s: dict(keys) for s, keys in new.items()}
+    changed["train"]["dtype"] = "bfloat16"
+    assert rundir._first_difference(rundir._comparable(old), rundir._comparable(changed)) == \
+        "train.dtype: saved 'float32', now 'bfloat16'"
+    new["output"]["progress"] = not new["output"]["progress"]  # free to differ
+    assert rundir._first_difference(rundir._comparable(old), rundir._comparable(new)) is None
