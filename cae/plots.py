@@ -1,16 +1,35 @@
-"""Pictures of a run, drawn with matplotlib's object API (no pyplot state, no display needed)."""
+"""Pictures of a run, drawn with matplotlib's object API (no pyplot state, no display needed).
+
+Every ``*_figure`` function takes NumPy arrays and returns a ``matplotlib.figure.Figure``;
+:func:`save_figure` renders one to PNG in memory and writes it atomically. The pictures:
+reconstructions (originals / reconstructions / absolute error), training curves, the encoder's
+first-layer filters, a 2-D PCA of the codes coloured by label, and what single code units
+decode to.
+"""
 
 from __future__ import annotations
 
 import io
+import math
 import os
+from collections.abc import Sequence
 
+import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from cae.rundir import write_atomic
 
-__all__ = ["reconstruction_figure", "save_reconstructions"]
+__all__ = ["reconstruction_figure", "save_reconstructions", "save_figure", "curves_figure",
+           "filters_figure", "pca_2d", "codes_figure", "unit_decodes_figure"]
+
+
+def save_figure(path: str | os.PathLike, fig: Figure, dpi: int = 100) -> None:
+    """Render ``fig`` to PNG in memory, then write ``path`` atomically (never half a file)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    write_atomic(path, buf.getvalue())
 
 
 def _show(ax, image: np.ndarray) -> None:
@@ -28,16 +47,26 @@ def reconstruction_figure(originals: np.ndarray, reconstructions: np.ndarray,
                           title: str | None = None) -> Figure:
     """originals, reconstructions: [n, H, W, C] images in [0, 1] (not logits).
 
-    Row 1: the originals; row 2: their reconstructions, column by column.
+    Row 1: the originals; row 2: their reconstructions; row 3: the absolute error per pixel
+    (averaged over channels), all error images on one colour scale with a colorbar.
     """
     n = originals.shape[0]
-    fig = Figure(figsize=(1.2 * n, 2.6), layout="constrained")
-    axes = fig.subplots(2, n, squeeze=False)
+    error = np.abs(np.asarray(originals, np.float32) - np.asarray(reconstructions, np.float32))
+    error = error.mean(axis=-1)  # [n, H, W]
+    vmax = max(float(error.max(initial=0.0)), 1e-6)
+    fig = Figure(figsize=(1.2 * n + 1.2, 4.0), layout="constrained")
+    axes = fig.subplots(3, n, squeeze=False)
     for j in range(n):
         _show(axes[0, j], originals[j])
         _show(axes[1, j], reconstructions[j])
+        im = axes[2, j].imshow(error[j], cmap="magma", vmin=0.0, vmax=vmax,
+                               interpolation="nearest")
+        axes[2, j].set_xticks([])
+        axes[2, j].set_yticks([])
     axes[0, 0].set_ylabel("original")
     axes[1, 0].set_ylabel("reconstruction")
+    axes[2, 0].set_ylabel("|error|")
+    fig.colorbar(im, ax=axes[:, -1], label="|original - reconstruction|", shrink=0.9)
     if title:
         fig.suptitle(title)
     return fig
@@ -45,10 +74,160 @@ def reconstruction_figure(originals: np.ndarray, reconstructions: np.ndarray,
 
 def save_reconstructions(path: str | os.PathLike, originals: np.ndarray,
                          reconstructions: np.ndarray, title: str | None = None) -> None:
-    """Render to PNG in memory, then write ``path`` atomically."""
-    buf = io.BytesIO()
-    reconstruction_figure(originals, reconstructions, title).savefig(buf, format="png", dpi=100)
-    write_atomic(path, buf.getvalue())
+    """Render :func:`reconstruction_figure` to PNG in memory, then write ``path`` atomically."""
+    save_figure(path, reconstruction_figure(originals, reconstructions, title))
+
+
+def curves_figure(history: Sequence[dict], loss_name: str = "train loss",
+                  title: str | None = None) -> Figure:
+    """history: the records of ``metrics.jsonl`` (keys ``epoch``, ``train_loss``, ``test_mse``,
+    optionally ``initial_test_mse``), one per epoch.
+
+    Left: the mean train loss per epoch; right: the test MSE per epoch (log scale; the untrained
+    model's MSE at epoch 0 when the records carry it). Two panels, because the units differ.
+    """
+    epochs = np.array([r["epoch"] for r in history], float)
+    train_loss = np.array([r["train_loss"] for r in history], float)
+    test_epochs, test_mse = list(epochs), [r["test_mse"] for r in history]
+    if history and history[0].get("initial_test_mse") is not None:
+        test_epochs, test_mse = [0.0, *test_epochs], [history[0]["initial_test_mse"], *test_mse]
+    fig = Figure(figsize=(9.0, 3.6), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    left.plot(epochs, train_loss, "o-", color="tab:blue")
+    left.set_title(f"{loss_name} (mean over the epoch)")
+    left.set_ylabel(loss_name)
+    right.plot(test_epochs, test_mse, "o-", color="tab:orange")
+    right.set_yscale("log")  # the untrained model's MSE is ~100x the trained one's
+    right.set_title("test MSE (whole test split)")
+    right.set_ylabel("mean squared error per pixel")
+    for ax, xs, ys in ((left, epochs, train_loss), (right, test_epochs, test_mse)):
+        # The values themselves, so the picture can be read without the metrics file.
+        shown = range(len(xs)) if len(xs) <= 10 else [len(xs) - 1]
+        for i in shown:
+            ax.annotate(f"{ys[i]:.4g}", (xs[i], ys[i]), textcoords="offset points",
+                        xytext=(4, 5), fontsize=8)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(True, which="both", alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def filters_figure(kernel: np.ndarray, title: str | None = None) -> Figure:
+    """kernel: the first encoder layer's HWIO kernel [k, k, C_in, F] -> one image per filter
+    (per input channel when C_in > 1), on one symmetric diverging colour scale (blue < 0 < red)
+    with a shared colorbar."""
+    kernel = np.asarray(kernel, np.float32)
+    _, _, c_in, f = kernel.shape
+    cols = min(f, 8)
+    rows_per_channel = math.ceil(f / cols)
+    vmax = max(float(np.abs(kernel).max(initial=0.0)), 1e-12)
+    fig = Figure(figsize=(1.1 * cols + 1.3, 1.15 * rows_per_channel * c_in + 0.8),
+                 layout="constrained")
+    axes = fig.subplots(rows_per_channel * c_in, cols, squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for c in range(c_in):
+        for j in range(f):
+            ax = axes[c * rows_per_channel + j // cols, j % cols]
+            ax.set_axis_on()
+            im = ax.imshow(kernel[:, :, c, j], cmap="RdBu_r", vmin=-vmax, vmax=vmax,
+                           interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"filter {j}" if c_in == 1 else f"filter {j}, in {c}", fontsize=8)
+    fig.colorbar(im, ax=axes, label="weight", shrink=0.8)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def pca_2d(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """codes: [N, D] -> (projection onto the first two principal axes [N, 2], the fraction of
+    the total variance each explains [2]). PCA by SVD of the centred data, in float64; each
+    axis's sign is fixed so that its largest loading is positive (deterministic pictures)."""
+    x = np.asarray(codes, np.float64).reshape(len(codes), -1)
+    x = x - x.mean(axis=0)
+    _, s, vt = np.linalg.svd(x, full_matrices=False)
+    axes = vt[:2]
+    signs = np.sign(axes[np.arange(len(axes)), np.argmax(np.abs(axes), axis=1)])
+    axes = axes * signs[:, None]
+    variance = s ** 2
+    explained = variance[:2] / max(float(variance.sum()), 1e-300)
+    proj = x @ axes.T
+    if proj.shape[1] < 2:  # one-dimensional codes: pad the missing axis with zeros
+        proj = np.pad(proj, ((0, 0), (0, 2 - proj.shape[1])))
+        explained = np.pad(explained, (0, 2 - len(explained)))
+    return proj, explained
+
+
+def codes_figure(codes: np.ndarray, labels: np.ndarray | None,
+                 class_names: Sequence[str] | None = None, title: str | None = None,
+                 max_points: int = 5000, seed: int = 0) -> Figure:
+    """codes: [N, D] (flattened codes), labels: [N] int or None -> the codes projected on their
+    first two principal axes (fitted on all N), one dot per example coloured by its label.
+
+    At most ``max_points`` dots are drawn (a fixed random subset), so dense classes do not bury
+    the others. Up to 10 classes get a legend; more get a colorbar.
+    """
+    proj, explained = pca_2d(codes)
+    n = len(proj)
+    keep = np.arange(n)
+    if n > max_points:
+        keep = np.sort(np.random.default_rng(seed).choice(n, max_points, replace=False))
+    fig = Figure(figsize=(6.8, 5.6), layout="constrained")
+    ax = fig.subplots()
+    pts = proj[keep]
+    if labels is None:
+        ax.scatter(pts[:, 0], pts[:, 1], s=4, alpha=0.6, linewidths=0)
+    else:
+        labels = np.asarray(labels)[keep]
+        classes = np.unique(labels)
+        if len(classes) <= 10:
+            cmap = matplotlib.colormaps["tab10"]
+            for i, c in enumerate(classes):
+                name = class_names[c] if class_names is not None else str(c)
+                sel = labels == c
+                ax.scatter(pts[sel, 0], pts[sel, 1], s=4, alpha=0.6, linewidths=0,
+                           color=cmap(i), label=name)
+            ax.legend(title="label", markerscale=4, fontsize=8, loc="center left",
+                      bbox_to_anchor=(1.01, 0.5), frameon=False)
+        else:
+            sc = ax.scatter(pts[:, 0], pts[:, 1], s=4, alpha=0.6, linewidths=0, c=labels,
+                            cmap="turbo")
+            fig.colorbar(sc, ax=ax, label="label")
+    ax.set_xlabel(f"principal axis 1 ({100 * explained[0]:.1f}% of the variance)")
+    ax.set_ylabel(f"principal axis 2 ({100 * explained[1]:.1f}% of the variance)")
+    ax.set_title(title or f"codes, PCA to 2-D ({len(keep)} of {n} shown)")
+    return fig
+
+
+def unit_decodes_figure(images: np.ndarray, title: str | None = None,
+                        labels: Sequence[str] | None = None) -> Figure:
+    """images: [F, H, W, C] in [0, 1], e.g. the sigmoid of the decoder applied to one one-hot
+    code per code channel -> a grid of F images titled ``labels`` (default "unit j"), with a
+    colorbar for the grey scale (C == 1)."""
+    images = np.asarray(images, np.float32)
+    f = len(images)
+    cols = min(f, 8)
+    rows = math.ceil(f / cols)
+    fig = Figure(figsize=(1.3 * cols + 1.3, 1.45 * rows + 0.9), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    im = None
+    for j in range(f):
+        ax = axes[j // cols, j % cols]
+        ax.set_axis_on()
+        _show(ax, images[j])
+        im = ax.images[0]
+        ax.set_title(labels[j] if labels is not None else f"unit {j}", fontsize=8)
+    if im is not None and images.shape[-1] == 1:
+        fig.colorbar(im, ax=axes, label="decoded pixel value (sigmoid)", shrink=0.8)
+    if title:
+        fig.suptitle(title)
+    return fig
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,148 @@
+"""cae.probe: codes of every image, and a logistic-regression probe checked against an
+independent NumPy gradient descent, on data whose answer is known (separable, random labels);
+plus the labels cae.data reads, checked against the original MNIST archives."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import MANUAL_DIR, manual_dir_available
+
+from cae import data, models, probe
+
+# ----------------------------------------------------------------------------------------------
+# Labels
+# ----------------------------------------------------------------------------------------------
+
+
+def _idx(path, offset):
+    return np.frombuffer(gzip.decompress(path.read_bytes()), np.uint8, offset=offset)
+
+
+def test_labels_belong_to_their_images(mnist, mnist_dirs):
+    assert mnist.train_labels.shape == (60000,) and mnist.test_labels.shape == (10000,)
+    assert mnist.train_labels.dtype == np.int32
+    assert set(np.unique(mnist.test_labels)) == set(range(10))
+    # max_train_examples slices labels and images alike.
+    head = data.load_dataset("mnist", **mnist_dirs, max_train_examples=500)
+    np.testing.assert_array_equal(head.train_labels, mnist.train_labels[:500])
+    np.testing.assert_array_equal(head.train, mnist.train[:500])
+    if not manual_dir_available():
+        pytest.skip("original archives not available to compare with")
+    # TFDS reorders examples: compare the multisets of (image, label) pairs with the idx files.
+    images = _idx(MANUAL_DIR / "t10k-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28, 1)
+    labels = _idx(MANUAL_DIR / "t10k-labels-idx1-ubyte.gz", 8)
+
+    def pairs(ims, ys):
+        return sorted(hashlib.sha1(im.tobytes()).digest() + bytes([y]) for im, y in zip(ims, ys))
+
+    assert pairs(mnist.test, mnist.test_labels) == pairs(images, labels)
+
+
+# ----------------------------------------------------------------------------------------------
+# Codes
+# ----------------------------------------------------------------------------------------------
+
+
+def test_encode_images_gives_every_example_its_code_in_order():
+    model = models.ConvAutoencoder((4, 3), (3, 3), (2, 2), (1, 1), image_shape=(12, 12, 1))
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 12, 12, 1)))["params"]
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.5, s.shape), s.dtype), shapes)
+    images = rng.integers(0, 256, (37, 12, 12, 1), dtype=np.uint8)
+    codes = probe.encode_images(model.apply, params, images, batch_size=16)  # 16 + 16 + 5
+    assert codes.shape == (37, 3 * 3 * 3) and codes.dtype == np.float32
+    for i in (0, 15, 16, 31, 32, 36):  # one at a time: no batching, no padding
+        one = model.apply({"params": params}, images[i:i + 1] / np.float32(255.0),
+                          method="encode")
+        np.testing.assert_allclose(codes[i], np.asarray(one).reshape(-1), rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# The probe
+# ----------------------------------------------------------------------------------------------
+
+
+def _blobs(n, d, k, separation, seed):
+    """k Gaussian classes in d dimensions, at random centres ``separation`` apart (roughly)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(k, d)) * separation / np.sqrt(2 * d)
+    y = rng.integers(0, k, n)
+    scales = rng.uniform(0.1, 20.0, d)  # very different feature scales: standardisation matters
+    return ((centres[y] + rng.normal(size=(n, d))) * scales).astype(np.float32), y, scales
+
+
+def test_standardize_uses_the_train_statistics_only():
+    rng = np.random.default_rng(1)
+    train = rng.normal(5.0, 3.0, (400, 3))
+    train[:, 2] = 7.0  # a dead unit: constant
+    test = rng.normal(5.0, 3.0, (100, 3)) + 10.0
+    z_train, z_test = probe.standardize(train, test)
+    np.testing.assert_allclose(z_train[:, :2].mean(0), 0, atol=1e-5)
+    np.testing.assert_allclose(z_train[:, :2].std(0), 1, rtol=1e-5)
+    np.testing.assert_array_equal(z_train[:, 2], 0)  # centred, not divided by 0
+    expected = (test[:, :2] - train[:, :2].mean(0)) / train[:, :2].std(0)
+    np.testing.assert_allclose(z_test[:, :2], expected, rtol=1e-5, atol=1e-5)
+    assert np.all(np.isfinite(z_test))
+
+
+def test_separable_classes_are_found():
+    x, y, _ = _blobs(3000, 20, 5, separation=40.0, seed=2)
+    acc = probe.linear_probe(x[:2000], y[:2000], x[2000:], y[2000:], steps=100, seed=0)
+    assert acc >= 0.99
+
+
+def test_random_labels_give_chance_accuracy():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(6000, 20)).astype(np.float32)
+    y = rng.integers(0, 10, 6000)
+    acc = probe.linear_probe(x[:4000], y[:4000], x[4000:], y[4000:], steps=100, seed=0)
+    assert abs(acc - 0.1) < 0.03  # 2000 test points: chance +- 0.007 (1 sd)
+
+
+def _numpy_gradient_descent(x, y, k, l2, iters):
+    """Independent reference: plain full-batch gradient descent in float64 NumPy on
+    mean CE + l2/2 |W|^2 (convex, L-smooth with L <= |x|^2_max / 2 + l2)."""
+    n, d = x.shape
+    w, b = np.zeros((d, k)), np.zeros(k)
+    onehot = np.eye(k)[y]
+    xa = np.hstack([x, np.ones((n, 1))])
+    lr = 1.0 / (0.5 * np.linalg.norm(xa, 2) ** 2 / n + l2)
+    for _ in range(iters):
+        logits = x @ w + b
+        p = np.exp(logits - logits.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        g = (p - onehot) / n
+        w -= lr * (x.T @ g + l2 * w)
+        b -= lr * g.sum(0)
+    return w, b
+
+
+def test_fit_agrees_with_numpy_gradient_descent_and_accuracy_is_recomputed():
+    x, y, _ = _blobs(600, 6, 4, separation=4.0, seed=4)  # overlapping classes: a unique optimum
+    xtr, ytr, xte, yte = x[:400], y[:400], x[400:], y[400:]
+    ztr, zte = probe.standardize(xtr, xte)
+    l2 = 1e-2
+    w, b, values = probe.fit_logistic_regression(ztr, ytr, 4, steps=100, l2=l2)
+    assert values[-1] <= values[0] and np.all(np.isfinite(values))
+    w_ref, b_ref = _numpy_gradient_descent(ztr.astype(np.float64), ytr, 4, l2, iters=20000)
+    np.testing.assert_allclose(w, w_ref, atol=2e-3)
+    # b is determined only up to a constant shift (softmax); compare the centred biases.
+    np.testing.assert_allclose(b - b.mean(), b_ref - b_ref.mean(), atol=2e-3)
+    # The probe's accuracy is the test accuracy of these weights, recomputed here in NumPy.
+    acc = probe.linear_probe(xtr, ytr, xte, yte, steps=100, seed=0, l2=l2)
+    mean, std = xtr.astype(np.float64).mean(0), xtr.astype(np.float64).std(0)
+    ref_acc = np.mean(np.argmax(((xte - mean) / std) @ w_ref + b_ref, axis=1) == yte)
+    assert acc == pytest.approx(ref_acc, abs=1 / 200)  # at most one borderline point differs
+    assert 0.5 < acc < 0.99  # overlapping classes: informative, not trivial
+
+
+def test_mismatched_codes_and_labels_are_an_error():
+    x = np.zeros((10, 3), np.float32)
+    with pytest.raises(ValueError, match="differ in length"):
+        probe.linear_probe(x, np.zeros(9, int), x, np.zeros(10, int))
