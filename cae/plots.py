@@ -106,6 +106,7 @@ def curves_figure(history: Sequence[dict], loss_name: str = "train loss",
         for i in shown:
             ax.annotate(f"{ys[i]:.4g}", (xs[i], ys[i]), textcoords="offset points",
                         xytext=(4, 5), fontsize=8)
+        ax.margins(x=0.15, y=0.15)  # room for the value labels inside the frame
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(True, which="both", alpha=0.3)
