@@ -298,13 +298,13 @@ def _conv_bwd(strides, pads, res, g):
     """The input cotangent is C^T g (the transposed conv, with the output padding that gives
     back x's size); the kernel cotangent is the correlation of x with g. Same values as JAX's
     autodiff of ``lax.conv_general_dilated``, but in a layout that stays fast inside
-    ``lax.scan`` on CPU (see ``_patch_correlation``)."""
+    ``lax.scan`` on CPU (see ``_kernel_cotangent``)."""
     x, kernel = res
     khw = _kernel_hw(kernel)
     op = tuple(size + p[0] + p[1] - ((o - 1) * st + k)  # rows of x no output window reached
                for size, p, o, st, k in zip(x.shape[1:3], pads, g.shape[1:3], strides, khw))
     g_x = _conv_transpose_lax_fwd_only(g, kernel, strides, pads, op).astype(x.dtype)
-    g_k = _patch_correlation(x, g, khw, strides, pads, kernel.dtype)
+    g_k = _kernel_cotangent(x, g, khw, strides, pads, kernel.dtype)
     return g_x, g_k
 
 
@@ -333,13 +333,15 @@ def _conv_transpose_lax_fwd_only(y, kernel, strides, pads, op):
     return out.astype(jnp.result_type(y, kernel))
 
 
-def _patch_correlation(x, g, kernel_hw: Pair, strides: Pair, pads: tuple[Pair, Pair], dtype):
+def _kernel_cotangent(x, g, kernel_hw: Pair, strides: Pair, pads: tuple[Pair, Pair], dtype):
     """``dK[j, ci, co] = sum_{n, o} x_pad[n, o*s + j, ci] * g[n, o, co]``: the kernel gradient.
 
     It is the same sum for both operators: for ``y = conv(x, K)`` with cotangent ``g`` of y, and
-    for ``x = conv_transpose(y, K)`` with cotangent ``g`` of x (there: ``x := g``, ``g := y``).
+    for ``x = conv_transpose(y, K)`` with cotangent ``g`` of x (there: ``x := g``, ``g := y``;
+    from ``x[i] = sum_o y[o] K[i - o*s + lo]``, ``dK[j] = sum_o g[o*s - lo + j] y[o]``).
     x: [N, H, W, C_in]; g: [N, H', W', C_out]; pads: x's padding before, ``lo`` per axis (rows
-    after the last tap are cropped). Returns ``[kh, kw, C_in, C_out]``.
+    after the last tap, e.g. those output_padding added, are cropped).
+    Returns ``[kh, kw, C_in, C_out]``.
 
     It is one stride-1 "backward-filter" convolution: over space, x (batch and channels
     swapped: C_in is the batch, N the contracted feature) correlated with g as the kernel,
@@ -364,19 +366,6 @@ def _patch_correlation(x, g, kernel_hw: Pair, strides: Pair, pads: tuple[Pair, P
     return jnp.transpose(dk, (1, 2, 0, 3)).astype(dtype)
 
 
-def _kernel_cotangent(g, y, kernel_hw: Pair, strides: Pair, pads: tuple[Pair, Pair], op: Pair,
-                      dtype):
-    """d<C^T y, g>/dK.
-
-    From ``x[i] = sum_o y[o] K[i - o*s + lo]``:  ``dK[j, ci, co] = sum_{n,o} g[n, o*s - lo + j, ci]
-    * y[n, o, co]``: taps of ``y`` are ``s`` apart in ``g``, which is padded ``lo`` before (and
-    cropped after the last tap, so that exactly ``k`` taps fit).
-    g: [N, H, W, C_in]; y: [N, H', W', C_out]; returns [kh, kw, C_in, C_out].
-    """
-    del op  # the rows output_padding added are never tapped: cropped in _patch_correlation
-    return _patch_correlation(g, y, kernel_hw, strides, pads, dtype)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _conv_transpose_lax(y, kernel, strides, pads, op):
     return _conv_transpose_lax_fwd_only(y, kernel, strides, pads, op)
@@ -391,7 +380,7 @@ def _conv_transpose_bwd(strides, pads, op, res, g):
     # Cotangent for y: (C^T)^T g = C g, i.e. the forward strided conv of g, same kernel/pads.
     # No zeros are inserted anywhere: this is as cheap as the encoder's own conv.
     g_y = _conv_explicit(g, kernel, strides, pads).astype(y.dtype)
-    g_k = _kernel_cotangent(g, y, _kernel_hw(kernel), strides, pads, op, kernel.dtype)
+    g_k = _kernel_cotangent(g, y, _kernel_hw(kernel), strides, pads, kernel.dtype)
     return g_y, g_k
 
 
