@@ -18,7 +18,6 @@ Every run dir is checked before anything is trained. When all runs are done, ``a
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import io
@@ -496,13 +495,9 @@ def write_reports(out_dir: str | os.PathLike, runs: Sequence[Run], base: Config,
 # ----------------------------------------------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not usage + traceback-looking text
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = _Parser(prog="python -m cae.ablate", description=__doc__.splitlines()[0])
+    parser = config_lib.CommandLineParser(prog="python -m cae.ablate",
+                                          description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="ablation YAML (a training config plus "
                         "an 'ablation' section)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

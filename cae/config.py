@@ -8,6 +8,7 @@ a one-line :class:`ConfigError` naming the dotted key, the bad value and what is
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import os
@@ -20,6 +21,7 @@ import yaml
 __all__ = [
     "Config", "DataConfig", "ModelConfig", "TrainConfig", "OutputConfig", "ConfigError",
     "load_config", "apply_overrides", "from_dict", "to_dict", "to_yaml", "per_layer",
+    "CommandLineParser",
 ]
 
 ACTIVATIONS = ("relu", "leaky_relu", "gelu", "silu", "elu", "tanh")
@@ -303,3 +305,10 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:
     """Read a YAML config, apply ``--set`` overrides, validate. Raises :class:`ConfigError`."""
     return from_dict(apply_overrides(read_yaml_file(path), list(overrides or [])))
+
+
+class CommandLineParser(argparse.ArgumentParser):
+    """argparse for the ``python -m cae.*`` tools: a bad flag is one ``error:`` line, exit 2."""
+
+    def error(self, message):  # one line, not usage + traceback-looking text
+        self.exit(2, f"error: {message} (see --help)\n")

@@ -7,7 +7,6 @@ at module level, with the train state donated.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
@@ -445,13 +444,9 @@ def _finish(cfg, state, ds, history, run_dir, writer, steady_images, steady_time
 # ----------------------------------------------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not usage + traceback-looking text
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = _Parser(prog="python -m cae.train", description=__doc__.splitlines()[0])
+    parser = config_lib.CommandLineParser(prog="python -m cae.train",
+                                          description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="YAML experiment config")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set train.epochs=3 (repeatable)")

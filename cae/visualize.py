@@ -10,7 +10,6 @@ and nothing is written.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -158,13 +157,9 @@ def visualize(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = No
     return write_pictures(cfg, ds, params, history, out, epoch)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not usage + traceback-looking text
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = _Parser(prog="python -m cae.visualize", description=__doc__.splitlines()[0])
+    parser = config_lib.CommandLineParser(prog="python -m cae.visualize",
+                                          description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a training run's output.dir")
     parser.add_argument("--out", default=None, metavar="DIR",
                         help="write the PNGs here instead of RUN_DIR")
