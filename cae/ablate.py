@@ -195,46 +195,27 @@ def plan_runs(base: Config, ablation: AblationConfig) -> list[Run]:
 # ----------------------------------------------------------------------------------------------
 
 
-def _config_difference(run_dir: Path, resolved: dict) -> str | None:
-    """First difference between a run dir's saved config and ``resolved``, as cae.rundir
-    judges it for resuming (output.dir/overwrite/progress may differ); None if the same."""
-    try:
-        saved = yaml.safe_load((run_dir / rundir.CONFIG_FILE).read_text()) or {}
-    except yaml.YAMLError:
-        saved = {}
-    return rundir._first_difference(rundir._comparable(saved), rundir._comparable(resolved))
-
-
 def _run_status(run: Run) -> str:
     """``new`` | ``reuse`` | ``resume`` | ``restart`` | ``replace``; RunDirError if unusable."""
     d, cfg = run.dir, run.cfg
-    if d.exists() and not d.is_dir():
+    kind, diff = rundir.inspect_run_dir(d, config_lib.to_dict(cfg))
+    if kind == "not_a_dir":
         raise rundir.RunDirError(f"{d} exists and is not a directory; choose another output.dir")
-    if not d.is_dir() or not any(d.iterdir()):
-        return "new"
-    if not (d / rundir.CONFIG_FILE).exists():
+    if kind == "foreign":
         raise rundir.RunDirError(f"{d} is not empty and is not a cae run directory (no "
                                  "config.yaml); choose another output.dir")
-    diff = _config_difference(d, config_lib.to_dict(cfg))
-    if (d / rundir.SUMMARY_FILE).exists():
-        if diff is None:
-            return "reuse"
-        if cfg.output.overwrite:
-            return "replace"
+    if kind == "new":
+        return "new"
+    if kind == "unstarted":
+        return "restart"  # killed during its first epoch: cae.train starts it afresh
+    if diff is None:
+        return "reuse" if kind == "finished" else "resume"
+    if cfg.output.overwrite:
+        return "replace"
+    if kind == "finished":
         raise rundir.RunDirError(
             f"{d} holds a finished run with another config ({diff}); choose another output.dir "
             "or set output.overwrite=true to retrain it")
-    ckpt = rundir.Checkpointer(d)
-    try:
-        has_checkpoint = ckpt.latest_epoch() is not None
-    finally:
-        ckpt.close()
-    if not has_checkpoint:
-        return "restart"  # killed during its first epoch: cae.train starts it afresh
-    if diff is None:
-        return "resume"
-    if cfg.output.overwrite:
-        return "replace"
     raise rundir.RunDirError(
         f"{d} holds an unfinished run with another config ({diff}); rerun with the same config "
         "to resume, choose another output.dir, or set output.overwrite=true")

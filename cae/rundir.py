@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-__all__ = ["RunDirError", "write_atomic", "prepare_run_dir", "Checkpointer",
+__all__ = ["RunDirError", "write_atomic", "inspect_run_dir", "prepare_run_dir", "Checkpointer",
            "CONFIG_FILE", "SUMMARY_FILE", "METRICS_FILE"]
 
 CONFIG_FILE = "config.yaml"
@@ -74,6 +74,39 @@ def _comparable(cfg: dict) -> dict:
             for s, keys in merged.items()}
 
 
+def inspect_run_dir(run_dir: str | os.PathLike, resolved: dict) -> tuple[str, str | None]:
+    """What ``run_dir`` holds, without touching it -> ``(kind, diff)``.
+
+    kind: ``"not_a_dir"`` (a file is in the way), ``"new"`` (missing or empty), ``"finished"``
+    (``summary.json``), ``"foreign"`` (not empty, no ``config.yaml``), ``"unstarted"`` (a config
+    but no checkpoint: killed during epoch 1), ``"unfinished"`` (a committed checkpoint).
+    diff: the first difference between the saved config and ``resolved`` among the keys that
+    must match to resume (see ``_comparable``; a missing or unreadable config differs), or None when
+    they match (always None for "not_a_dir", "new" and "foreign").
+    """
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        return "not_a_dir", None
+    if not run_dir.is_dir() or not any(run_dir.iterdir()):
+        return "new", None
+    try:
+        saved = yaml.safe_load((run_dir / CONFIG_FILE).read_text())
+    except (OSError, yaml.YAMLError):
+        saved = None
+    diff = (f"no readable {CONFIG_FILE}" if not isinstance(saved, dict)
+            else _first_difference(_comparable(saved), _comparable(resolved)))
+    if (run_dir / SUMMARY_FILE).exists():
+        return "finished", diff
+    if not (run_dir / CONFIG_FILE).exists():
+        return "foreign", None
+    checkpointer = Checkpointer(run_dir)
+    try:
+        has_checkpoint = checkpointer.latest_epoch() is not None
+    finally:
+        checkpointer.close()
+    return ("unfinished" if has_checkpoint else "unstarted"), diff
+
+
 def prepare_run_dir(run_dir: str | os.PathLike, resolved: dict, overwrite: bool) -> bool:
     """Make ``run_dir`` ready for a run of config ``resolved`` (a plain dict).
 
@@ -82,39 +115,31 @@ def prepare_run_dir(run_dir: str | os.PathLike, resolved: dict, overwrite: bool)
     for a finished run without ``overwrite``, a different config, or a foreign directory.
     """
     run_dir = Path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
+    kind, diff = inspect_run_dir(run_dir, resolved)
+    if kind == "not_a_dir":
         raise RunDirError(f"output.dir={str(run_dir)!r} exists and is not a directory")
-    if run_dir.is_dir() and any(run_dir.iterdir()):
-        if (run_dir / SUMMARY_FILE).exists():
-            if not overwrite:
-                raise RunDirError(
-                    f"output.dir={str(run_dir)!r} holds a finished run (summary.json); choose "
-                    "another output.dir or set output.overwrite=true to replace it"
-                )
-            shutil.rmtree(run_dir)
-        elif not (run_dir / CONFIG_FILE).exists():
+    if kind == "finished" and not overwrite:
+        raise RunDirError(
+            f"output.dir={str(run_dir)!r} holds a finished run (summary.json); choose "
+            "another output.dir or set output.overwrite=true to replace it"
+        )
+    if kind == "foreign":
+        raise RunDirError(
+            f"output.dir={str(run_dir)!r} is not empty and is not a cae run directory "
+            "(no config.yaml); choose another output.dir"
+        )
+    if kind == "unfinished":
+        if diff is None:
+            return True
+        if not overwrite:
             raise RunDirError(
-                f"output.dir={str(run_dir)!r} is not empty and is not a cae run directory "
-                "(no config.yaml); choose another output.dir"
+                f"output.dir={str(run_dir)!r} holds an unfinished run with another "
+                f"config ({diff}); rerun with the same config to resume, choose another "
+                "output.dir, or set output.overwrite=true"
             )
-        else:
-            try:
-                saved = yaml.safe_load((run_dir / CONFIG_FILE).read_text()) or {}
-            except yaml.YAMLError:
-                saved = {}
-            has_checkpoint = Checkpointer(run_dir).latest_epoch() is not None
-            if has_checkpoint:
-                diff = _first_difference(_comparable(saved), _comparable(resolved))
-                if diff is None:
-                    return True
-                if not overwrite:
-                    raise RunDirError(
-                        f"output.dir={str(run_dir)!r} holds an unfinished run with another "
-                        f"config ({diff}); rerun with the same config to resume, choose another "
-                        "output.dir, or set output.overwrite=true"
-                    )
-            # No checkpoint yet (killed during epoch 1) or overwrite asked: start afresh.
-            shutil.rmtree(run_dir)
+    if kind != "new":
+        # Finished (overwrite asked), killed during epoch 1, or overwrite asked: start afresh.
+        shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(run_dir / CONFIG_FILE, yaml.safe_dump(resolved, sort_keys=False))
     return False
