@@ -71,6 +71,8 @@ __all__ = [
     "output_padding_for",
     "resolve_padding",
     "IMPLEMENTATIONS",
+    "compile_fast",
+    "xla_compiler_options",
 ]
 
 Pair = tuple[int, int]
@@ -657,3 +659,38 @@ def conv_transpose_autodiff(y: jax.Array, kernel: jax.Array, strides=1,
     s = _strides(strides)
     pads, op = _transpose_geometry(y.shape[1:3], khw, s, padding, output_padding)
     return _conv_transpose_lax_fwd_only(y, kernel, s, pads, op)
+
+
+# ----------------------------------------------------------------------------------------------
+# Compiling programs that use these ops
+# ----------------------------------------------------------------------------------------------
+
+# XLA:CPU (jaxlib 0.10) hands convolutions, dots and reductions to YNNPACK ("ynn_fusion" in the
+# compiled HLO) by default. For our shapes its convolutions are slower than XLA's own (Eigen):
+# the mnist_tied training step, 50 steps in one lax.scan on 2 Intel Xeon (Sapphire Rapids) cores,
+# takes ~29 ms with YNNPACK and ~22 ms without (BENCHMARKS.md, issue 5); the strided 14x14x32 ->
+# 7x7x64 conv alone 2.4 vs 1.2 ms. An empty fusion-type list turns YNNPACK off for that program.
+_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+def xla_compiler_options(backend: str | None = None) -> dict[str, str]:
+    """XLA options we compile training programs with on ``backend`` (default: JAX's default
+    backend): on CPU, convolutions by XLA's own emitter instead of YNNPACK; elsewhere none."""
+    backend = jax.default_backend() if backend is None else backend
+    return dict(_CPU_OPTIONS) if backend == "cpu" else {}
+
+
+def compile_fast(lowered: jax.stages.Lowered) -> jax.stages.Compiled:
+    """``lowered.compile()`` with :func:`xla_compiler_options`.
+
+    A jaxlib that does not know an option (it is an experimental XLA flag) rejects it; the
+    program is then compiled with XLA's defaults: same results, only the speed differs.
+    """
+    options = xla_compiler_options()
+    if options:
+        try:
+            return lowered.compile(options)
+        except Exception as err:  # noqa: BLE001 - jaxlib raises a generic runtime error
+            if not any(name in str(err) for name in options):
+                raise
+    return lowered.compile()

@@ -7,7 +7,10 @@ on the machine hits all alike; the figure is the median over ``--rounds``):
 * ``jax per-step``   ``cae.train.train_step``: one jitted call per batch, the batch copied from
                      host memory each step (what most JAX examples do);
 * ``jax scan``       ``cae.train.train_steps``: the data on the device, ``--steps`` steps as one
-                     compiled ``lax.scan`` program (what ``cae.train`` runs);
+                     compiled ``lax.scan`` program, compiled with ``cae.ops.compile_fast``
+                     (on CPU: XLA's own convolutions, not YNNPACK's); what ``cae.train`` runs;
+* ``jax scan, XLA default``  the same program compiled with XLA's default options (on CPU
+                     only; shows what ``compile_fast`` buys);
 * ``torch``          the same architecture, initial weights, batch size, loss and optimizer
                      (Adam) in PyTorch eager on CPU, data as an in-memory uint8 tensor indexed
                      per batch; only if ``import torch`` works (torch is not a dependency).
@@ -24,6 +27,7 @@ without it, random images of MNIST's shape (the speed does not depend on the pix
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -179,8 +183,12 @@ def main(argv=None) -> int:
     host_perm = np.asarray(batches)
 
     t0 = time.perf_counter()
-    scan_prog = train.train_steps.lower(state, train_images, batches, np.int32(0), steps).compile()
+    scan_lowered = train.train_steps.lower(state, train_images, batches, np.int32(0), steps)
+    scan_prog = ops.compile_fast(scan_lowered)
     compile_chunk = time.perf_counter() - t0
+    progs = {"jax scan": scan_prog}
+    if ops.xla_compiler_options():
+        progs["jax scan, XLA default"] = scan_lowered.compile()
     t0 = time.perf_counter()
     step_prog = train.train_step.lower(state, images[host_perm[0]]).compile()
     compile_step = time.perf_counter() - t0
@@ -200,15 +208,16 @@ def main(argv=None) -> int:
         jax.block_until_ready(loss)
         states["jax per-step"] = s
 
-    states["jax scan"] = jax.tree.map(jnp.copy, state)  # same start, own buffers (donated)
-
-    def run_scan(n):
+    def run_scan(n, name):
         assert n == steps
-        s, losses = scan_prog(states["jax scan"], train_images, batches, np.int32(0))
+        s, losses = progs[name](states[name], train_images, batches, np.int32(0))
         jax.block_until_ready(losses)
-        states["jax scan"] = s
+        states[name] = s
 
-    methods = {"jax per-step": run_step, "jax scan": run_scan}
+    methods = {"jax per-step": run_step}
+    for name in progs:
+        states[name] = jax.tree.map(jnp.copy, state)  # same start, own buffers (donated)
+        methods[name] = functools.partial(run_scan, name=name)
     if torch is not None:
         run_torch, first_torch = torch_trainer(torch, cfg, params0, images, batch,
                                                cfg.train.seed)
@@ -225,18 +234,18 @@ def main(argv=None) -> int:
 
     # One whole epoch as one compiled program.
     t0 = time.perf_counter()
-    epoch_prog = train.train_steps.lower(states["jax scan"], train_images, batches,
-                                         np.int32(0), steps_per_epoch).compile()
+    epoch_prog = ops.compile_fast(train.train_steps.lower(states["jax scan"], train_images,
+                                                          batches, np.int32(0), steps_per_epoch))
     compile_epoch = time.perf_counter() - t0
     epoch_s = _timed(lambda: jax.block_until_ready(
         epoch_prog(states["jax scan"], train_images, batches, np.int32(0))))
 
     peak = matmul_gflops()
-    print(f"\n{'method':<14} {'images/s':>10} {'ms/step':>9} {'GFLOP/s':>9}")
+    print(f"\n{'method':<22} {'images/s':>10} {'ms/step':>9} {'GFLOP/s':>9}")
     for name, r in rates.items():
         ips = statistics.median(r)
         gflops = f"{flops_per_step * ips / batch / 1e9:9.1f}" if flops_per_step else "      n/a"
-        print(f"{name:<14} {ips:10.0f} {1000 * batch / ips:9.2f} {gflops}")
+        print(f"{name:<22} {ips:10.0f} {1000 * batch / ips:9.2f} {gflops}")
     print(f"\nwhole epoch as one program: {steps_per_epoch} steps in {epoch_s:.2f} s "
           f"({steps_per_epoch * batch / epoch_s:.0f} images/s); compile {compile_epoch:.1f} s")
     print(f"compile: train_step {compile_step:.1f} s, {steps}-step scan {compile_chunk:.1f} s")
@@ -245,6 +254,10 @@ def main(argv=None) -> int:
     if torch is not None:
         ratio = statistics.median(rates["jax scan"]) / statistics.median(rates["torch"])
         print(f"ratio jax scan / torch images per second: {ratio:.2f}x")
+    if "jax scan, XLA default" in rates:
+        gain = statistics.median(rates["jax scan"]) / statistics.median(
+            rates["jax scan, XLA default"])
+        print(f"ratio jax scan / jax scan with XLA's default options: {gain:.2f}x")
     return 0
 
 
