@@ -27,7 +27,10 @@ decoder (features [32, 64, 16], kernel 3, stride 2, padding 1, 28x28x1 MNIST; en
 * large y [B/4, 16, 16, 64], K [4, 4, 64, 64] -> [B/4, 32, 32, 64] (k=4, s=2, p=1)
 * decoder  dec1 -> relu -> dec2 -> relu -> dec3 as one jitted step
 
-Each method's gradients are checked against autodiff before timing. Timing: warm-up calls
+Every JAX method is compiled with ``cae.ops.compile_fast`` (on CPU: XLA's own convolutions
+instead of YNNPACK's, as ``cae.train`` compiles its programs); ``--xla-default`` compiles them
+with XLA's default options instead. Each method's gradients are checked against autodiff
+before timing. Timing: warm-up calls
 (compile), then ``--reps`` rounds; in each round every method runs once (interleaved, so machine
 noise hits all alike), each call ``jax.block_until_ready``'d; the figure is the median.
 
@@ -208,7 +211,7 @@ def cell(ms, ratio):
     return f"{f'{ms:.2f} ms ({ratio:.2f}x)':>22}"
 
 
-def bench(name, layers, methods, reps, torch):
+def bench(name, layers, methods, reps, torch, xla_default=False):
     y, kernels, g = make_inputs(layers)
     yj, gj, kj = jnp.asarray(y), jnp.asarray(g), [jnp.asarray(k) for k in kernels]
     thunks = {}
@@ -218,7 +221,8 @@ def bench(name, layers, methods, reps, torch):
             run, grads = torch_step(torch, layers, y, kernels, g)
             thunks[m] = run
         else:
-            step = jax_step(m, layers)
+            lowered = jax_step(m, layers).lower(yj, gj, kj)
+            step = lowered.compile() if xla_default else ops.compile_fast(lowered)
             grads = jax.block_until_ready(step(yj, gj, kj))[1]  # compile
             thunks[m] = functools.partial(run_jax, step, yj, gj, kj)
         if m == BASELINE:
@@ -255,6 +259,8 @@ def main(argv=None):
                          f"'{BASELINE}' is always run (ratios are relative to it)")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    ap.add_argument("--xla-default", action="store_true",
+                    help="compile with XLA's default options, not cae.ops.compile_fast's")
     args = ap.parse_args(argv)
 
     methods = [m.strip() for m in args.impls.split(",") if m.strip()]
@@ -291,10 +297,12 @@ def main(argv=None):
         "torch_threads": torch.get_num_threads() if torch is not None else None,
         "batch": args.batch,
         "reps": args.reps,
+        "xla_options": {} if args.xla_default else ops.xla_compiler_options(),
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
     }
     print(f"# machine: {info['cpu']} ({info['cores']} cores), {info['platform']}")
-    print(f"# JAX {info['jax']} (jaxlib {info['jaxlib']}), devices: {info['devices']}")
+    print(f"# JAX {info['jax']} (jaxlib {info['jaxlib']}), devices: {info['devices']}, "
+          f"XLA options: {info['xla_options'] or 'defaults'}")
     if torch is not None:
         print(f"# torch {info['torch']} ({info['torch_threads']} threads)")
     print(f"# fwd+bwd (value_and_grad w.r.t. y and kernel), ms per call, median of {args.reps}; "
@@ -307,7 +315,7 @@ def main(argv=None):
     header = f"{'problem':<9}" + "".join(f"{m:>22}" for m in methods)
     print(header)
     for name, layers in cases:
-        med, raw = bench(name, layers, methods, args.reps, torch)
+        med, raw = bench(name, layers, methods, args.reps, torch, args.xla_default)
         base = med[BASELINE]
         row = f"{name:<9}" + "".join(cell(med[m], med[m] / base) for m in methods)
         print(row, flush=True)
