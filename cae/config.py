@@ -48,7 +48,7 @@ class ModelConfig:
     padding: int | str | list[int | str] = 1  # ints, "SAME" or "VALID"
     tied: bool = True  # decoder layer i reuses encoder layer i's kernel array
     activation: Literal[ACTIVATIONS] = "relu"
-    conv_transpose_impl: Literal["lax", "subpixel", "phase"] = "lax"
+    conv_transpose_impl: Literal["auto", "lax", "subpixel", "phase"] = "auto"
 
 
 @dataclasses.dataclass

@@ -69,7 +69,7 @@ class TransposedConv(nn.Module):
     strides: int
     padding: Any
     output_hw: tuple[int, int]
-    impl: str = "lax"
+    impl: str = ops.DEFAULT_IMPL
 
     @nn.compact
     def __call__(self, y: jax.Array, kernel: jax.Array | None = None) -> jax.Array:
@@ -103,7 +103,7 @@ class ConvAutoencoder(nn.Module):
     padding: Sequence[Any]
     tied: bool = True
     activation: str = "relu"
-    impl: str = "lax"
+    impl: str = ops.DEFAULT_IMPL
     image_shape: tuple[int, int, int] | None = None
 
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -47,8 +47,11 @@ padding of the forward "SAME" conv on that ``H`` and transposes that.
 Implementations of ``conv_transpose``
 -------------------------------------
 ``"lax"``: ``jax.lax.conv_transpose`` (zero insertion via ``lhs_dilation``) with a custom VJP.
-``"subpixel"``: the phase decomposition, also with a custom VJP. Both compute the same operator;
-the tests run every identity against each. ``conv_transpose`` picks one with ``impl=``.
+``"subpixel"``: the phase decomposition, with the same custom VJP.
+``"phase"``: all phases as one im2col matmul, with a matmul VJP (kept for comparison).
+All compute the same operator; the tests run every identity against each. ``conv_transpose``
+picks one with ``impl=``; the default, ``"auto"``, picks per layer shape (``choose_impl``,
+from the measurements in BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -71,6 +74,7 @@ __all__ = [
     "output_padding_for",
     "resolve_padding",
     "IMPLEMENTATIONS",
+    "choose_impl",
     "compile_fast",
     "xla_compiler_options",
 ]
@@ -305,7 +309,9 @@ def _conv_bwd(strides, pads, res, g):
     khw = _kernel_hw(kernel)
     op = tuple(size + p[0] + p[1] - ((o - 1) * st + k)  # rows of x no output window reached
                for size, p, o, st, k in zip(x.shape[1:3], pads, g.shape[1:3], strides, khw))
-    g_x = _conv_transpose_lax_fwd_only(g, kernel, strides, pads, op).astype(x.dtype)
+    # C^T g by whichever form is fastest for this shape (as for conv_transpose's default).
+    c_transpose = _FORWARD_ONLY[choose_impl(kernel.shape, strides)]
+    g_x = c_transpose(g, kernel, strides, pads, op).astype(x.dtype)
     g_k = _kernel_cotangent(x, g, khw, strides, pads, kernel.dtype)
     return g_x, g_k
 
@@ -622,7 +628,26 @@ _conv_transpose_phase.defvjp(_conv_transpose_phase_fwd, _conv_transpose_phase_bw
 
 IMPLEMENTATIONS = {"lax": _conv_transpose_lax, "subpixel": _conv_transpose_subpixel,
                    "phase": _conv_transpose_phase}
-DEFAULT_IMPL = "lax"
+_FORWARD_ONLY = {"lax": _conv_transpose_lax_fwd_only, "subpixel": _conv_transpose_subpixel_fwd_only,
+                 "phase": _conv_transpose_phase_fwd_only}  # C^T without a custom VJP
+AUTO = "auto"  # choose_impl per layer shape, at trace time
+DEFAULT_IMPL = AUTO
+
+# choose_impl: below this many output channels (the kernel's C_in) the sub-pixel form's s*s
+# separate convolutions are each too thin to pay for themselves, and "lax" is faster.
+# Measured (BENCHMARKS.md, issue 6, 2 CPU cores, batch 128): C_in = 1 (the decoder's last
+# layer): lax 2.5 ms, subpixel 3.3 ms; C_in = 32 / 64: subpixel 10-45 % faster than lax.
+_SUBPIXEL_MIN_CHANNELS = 8
+
+
+def choose_impl(kernel_shape: Sequence[int], strides=1) -> str:
+    """The implementation ``impl="auto"`` (the default) uses for a kernel [kh, kw, C_in, C_out]
+    and strides: "subpixel" for strided layers with at least 8 output channels (C_in), else
+    "lax" (with stride 1 there are no zeros to avoid and both are one convolution)."""
+    s = _strides(strides)
+    if max(s) > 1 and kernel_shape[2] >= _SUBPIXEL_MIN_CHANNELS:
+        return "subpixel"
+    return "lax"
 
 
 def conv_transpose(y: jax.Array, kernel: jax.Array, strides=1, padding: PaddingLike = 0,
@@ -632,6 +657,8 @@ def conv_transpose(y: jax.Array, kernel: jax.Array, strides=1, padding: PaddingL
 
     y: [N, H', W', C_out]; kernel: [kh, kw, C_in, C_out] (HWIO, the forward conv's kernel);
     output_padding: int | (op_h, op_w), each in ``[0, stride)``.
+    impl: one of ``IMPLEMENTATIONS`` or "auto" (default: ``choose_impl`` per shape); all
+    compute the same operator.
     Returns x: [N, H, W, C_in] with ``H = (H' - 1) * sh - (top + bottom) + kh + op_h``.
     ``<conv(x, k), y> == <x, conv_transpose(y, k)>`` for all x, y of matching shapes.
     """
@@ -644,8 +671,10 @@ def conv_transpose(y: jax.Array, kernel: jax.Array, strides=1, padding: PaddingL
             f"C_out={kernel.shape[3]} (conv_transpose takes the forward conv's kernel)"
         )
     name = DEFAULT_IMPL if impl is None else impl
+    if name == AUTO:
+        name = choose_impl(kernel.shape, s)
     if name not in IMPLEMENTATIONS:
-        raise ValueError(f"impl={impl!r}: allowed are {sorted(IMPLEMENTATIONS)}")
+        raise ValueError(f"impl={impl!r}: allowed are {[AUTO, *sorted(IMPLEMENTATIONS)]}")
     pads, op = _transpose_geometry(y.shape[1:3], khw, s, padding, output_padding)
     return IMPLEMENTATIONS[name](y, kernel, s, pads, op)
 

@@ -103,7 +103,7 @@ BAD_OVERRIDES = [
     (["model.padding=FULL"], r"model\.padding='FULL': allowed are an int >= 0, 'SAME' or 'VALID'"),
     (["model.padding=-1"], r"model\.padding=-1: allowed are an int >= 0"),
     (["model.activation=swish2"], r"model\.activation='swish2': allowed are 'relu'"),
-    (["model.conv_transpose_impl=fft"], r"model\.conv_transpose_impl='fft': allowed are 'lax'"),
+    (["model.conv_transpose_impl=fft"], r"model\.conv_transpose_impl='fft': allowed are 'auto' \| 'lax'"),
     (["data.name="], r"data\.name=None: expected str"),
     (["data.max_train_examples=0"], r"data\.max_train_examples=0: must be >= 1 or null"),
     (["output.overwrite=maybe"], r"output\.overwrite='maybe': expected bool"),

@@ -783,7 +783,7 @@ ERROR_CASES = [
     ("ct_padding_too_large", lambda: ops.conv_transpose(_Y, _K, 1, 4),
      r"conv_transpose output H would be -2 < 1 .*reduce the padding"),
     ("unknown_impl", lambda: ops.conv_transpose(_Y, _K, 1, 1, impl="fft"),
-     r"impl='fft': allowed are \['lax', 'phase', 'subpixel'\]"),
+     r"impl='fft': allowed are \['auto', 'lax', 'phase', 'subpixel'\]"),
 ]
 
 
@@ -903,3 +903,25 @@ def test_conv_string_padding_matches_lax(padding):
         assert_close(got, want, err_msg=str((x_hw, k, s)))
         assert ops.resolve_padding(padding, x_hw, k, s) == tuple(
             lax.padtype_to_pads(x_hw, k, s, padding))
+
+
+def test_auto_impl_is_the_chosen_impl_exactly():
+    """impl="auto" (the default) is choose_impl's pick for each layer shape, bit for bit, and the
+    pick follows the documented rule."""
+    assert ops.DEFAULT_IMPL == "auto"
+    assert ops.choose_impl((3, 3, 32, 64), 2) == "subpixel"   # the default decoder's dec2
+    assert ops.choose_impl((3, 3, 64, 16), (2, 2)) == "subpixel"
+    assert ops.choose_impl((3, 3, 1, 32), 2) == "lax"         # C_in = 1: the last layer
+    assert ops.choose_impl((3, 3, 32, 64), 1) == "lax"        # stride 1: no zeros to avoid
+    rng = np.random.default_rng(3)
+    for k_shape, y_shape, op in [((3, 3, 16, 8), (2, 4, 4, 8), 1), ((3, 3, 1, 8), (2, 4, 4, 8), 1),
+                                 ((4, 4, 8, 4), (1, 5, 3, 4), 0)]:
+        y = jnp.asarray(rng.standard_normal(y_shape), jnp.float32)
+        kernel = jnp.asarray(rng.standard_normal(k_shape), jnp.float32)
+        chosen = ops.choose_impl(k_shape, 2)
+        for impl in ("auto", None):
+            got = ops.conv_transpose(y, kernel, 2, 1, op, impl=impl)
+            want = ops.conv_transpose(y, kernel, 2, 1, op, impl=chosen)
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    with pytest.raises(ValueError, match="'auto'"):
+        ops.conv_transpose(y, kernel, 2, 1, 0, impl="fast")
