@@ -53,7 +53,7 @@ class StridedConv(nn.Module):
         k = self.kernel_size
         kernel = self.param("kernel", _encoder_init, (k, k, x.shape[-1], self.features))
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
-        return ops.conv(x, kernel, self.strides, self.padding) + bias
+        return ops.add_bias(ops.conv(x, kernel, self.strides, self.padding), bias)
 
 
 class TransposedConv(nn.Module):
@@ -80,7 +80,7 @@ class TransposedConv(nn.Module):
         op = ops.output_padding_for(self.output_hw, (k, k), self.strides, self.padding)
         x = ops.conv_transpose(y, kernel, self.strides, self.padding, op, impl=self.impl)
         assert x.shape[1:3] == tuple(self.output_hw), (x.shape, self.output_hw)
-        return x + bias
+        return ops.add_bias(x, bias)
 
 
 class ConvAutoencoder(nn.Module):

@@ -74,6 +74,7 @@ __all__ = [
     "output_padding_for",
     "resolve_padding",
     "IMPLEMENTATIONS",
+    "add_bias",
     "choose_impl",
     "compile_fast",
     "xla_compiler_options",
@@ -688,6 +689,42 @@ def conv_transpose_autodiff(y: jax.Array, kernel: jax.Array, strides=1,
     s = _strides(strides)
     pads, op = _transpose_geometry(y.shape[1:3], khw, s, padding, output_padding)
     return _conv_transpose_lax_fwd_only(y, kernel, s, pads, op)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bias
+# ----------------------------------------------------------------------------------------------
+
+# Sum [M, C] over M by summing rows of about this many floats first: XLA:CPU vectorises a
+# reduction along its contiguous (minor) axis; with only C = 32 floats there it runs ~2.5x
+# slower than with 256 (0.43 vs 0.18 ms for a [128, 14, 14, 32] cotangent on 2 cores).
+_ROW = 256
+
+
+def _sum_over_leading(g: jax.Array) -> jax.Array:
+    """g: [..., C] -> [C], the sum over all leading axes (the cotangent of a broadcast bias)."""
+    c = g.shape[-1]
+    m = g.size // c
+    k = max((d for d in range(1, max(_ROW // c, 1) + 1) if m % d == 0), default=1)
+    return g.reshape(m // k, k * c).sum(0).reshape(k, c).sum(0)
+
+
+@jax.custom_vjp
+def add_bias(x: jax.Array, bias: jax.Array) -> jax.Array:
+    """``x + bias`` for x: [..., C], bias: [C]. Same values and gradients as the plain ``+``; the
+    bias gradient is summed in an order XLA:CPU runs faster (``_sum_over_leading``)."""
+    return x + bias
+
+
+def _add_bias_fwd(x, bias):
+    return x + bias, None
+
+
+def _add_bias_bwd(_, g):
+    return g, _sum_over_leading(g)
+
+
+add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
 
 
 # ----------------------------------------------------------------------------------------------

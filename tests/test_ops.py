@@ -925,3 +925,20 @@ def test_auto_impl_is_the_chosen_impl_exactly():
             np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     with pytest.raises(ValueError, match="'auto'"):
         ops.conv_transpose(y, kernel, 2, 1, 0, impl="fast")
+
+
+@pytest.mark.parametrize("shape", [(128, 14, 14, 32), (3, 5, 7, 3), (13, 1, 1, 300), (2, 64)])
+def test_add_bias_is_plus_with_the_same_gradients(shape):
+    """ops.add_bias only reorders the bias-gradient sum: values and both gradients equal those
+    of ``x + bias`` (float64 reference for the sum; M = 13, 105, ... exercise the row split
+    when the leading size has no convenient divisor)."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    bias = jnp.asarray(rng.standard_normal(shape[-1:]), jnp.float32)
+    g = rng.standard_normal(shape).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(ops.add_bias(x, bias)), np.asarray(x + bias))
+    out, vjp = jax.vjp(jax.jit(ops.add_bias), x, bias)
+    g_x, g_b = vjp(jnp.asarray(g))
+    np.testing.assert_array_equal(np.asarray(g_x), g)
+    want = g.astype(np.float64).reshape(-1, shape[-1]).sum(0)
+    np.testing.assert_allclose(np.asarray(g_b), want, rtol=1e-5, atol=1e-4)
