@@ -942,3 +942,15 @@ def test_add_bias_is_plus_with_the_same_gradients(shape):
     np.testing.assert_array_equal(np.asarray(g_x), g)
     want = g.astype(np.float64).reshape(-1, shape[-1]).sum(0)
     np.testing.assert_allclose(np.asarray(g_b), want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_unfused_is_an_exact_copy(dtype):
+    """ops._unfused (the identity 1x1 conv ops.conv's backward feeds its kernel cotangent on
+    CPU) returns its input bit for bit, at the default model's activation shape."""
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((16, 14, 14, 32)) * 10.0 ** rng.integers(-20, 20, (32,)),
+                    dtype)
+    got = jax.jit(ops._unfused)(x)
+    assert got.dtype == x.dtype and got.shape == x.shape
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(x, np.float32))
