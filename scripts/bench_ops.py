@@ -6,6 +6,7 @@ w.r.t. ``(y, K)``, ``jit``-compiled. ``value_and_grad`` (not ``grad``) so the fo
 really computed: the gradients of this linear loss do not need the forward output, and XLA would
 otherwise drop it. Methods:
 
+* ``auto``      ``ops.conv_transpose(...)``, the default: ``ops.choose_impl`` per layer
 * ``lax``       ``ops.conv_transpose(..., impl="lax")``  (lax.conv_transpose + custom VJP)
 * ``subpixel``  ``ops.conv_transpose(..., impl="subpixel")``  (phase decomposition + custom VJP)
 * ``phase``     ``ops.conv_transpose(..., impl="phase")``  (all phases as one im2col GEMM
@@ -61,7 +62,7 @@ import numpy as np
 
 from cae import ops
 
-JAX_METHODS = ("lax", "subpixel", "phase", "autodiff", "vjp_conv")
+JAX_METHODS = ("auto", "lax", "subpixel", "phase", "autodiff", "vjp_conv")
 ALL_METHODS = (*JAX_METHODS, "torch")
 BASELINE = "autodiff"
 
@@ -105,7 +106,7 @@ def transpose_fn(method, lay):
     """(y, K) -> x for one layer with the given JAX method."""
     kw = dict(strides=lay["strides"], padding=lay["padding"],
               output_padding=lay["output_padding"])
-    if method in ops.IMPLEMENTATIONS:
+    if method in ops.IMPLEMENTATIONS or method == ops.AUTO:
         return lambda y, k: ops.conv_transpose(y, k, **kw, impl=method)
     if method == "autodiff":
         return lambda y, k: ops.conv_transpose_autodiff(y, k, **kw)

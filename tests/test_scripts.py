@@ -20,11 +20,11 @@ def _run(args, env=None):
 
 def test_bench_ops_runs_and_checks_every_impl():
     out = _run(["scripts/bench_ops.py", "--batch", "8", "--reps", "1", "--no-torch",
-                "--impls", "lax,subpixel,phase,autodiff"])
+                "--impls", "auto,lax,subpixel,phase,autodiff"])
     rows = {line.split()[0]: line for line in out.splitlines()
             if re.match(r"^(dec1|dec2|dec3|large|decoder)\s", line)}
     assert set(rows) == {"dec1", "dec2", "dec3", "large", "decoder"}
-    assert all(line.count(" ms (") == 4 for line in rows.values())  # one cell per method
+    assert all(line.count(" ms (") == 5 for line in rows.values())  # one cell per method
 
 
 @pytest.mark.slow
