@@ -737,11 +737,13 @@ def add_bias(x: jax.Array, bias: jax.Array) -> jax.Array:
 
 
 def _add_bias_fwd(x, bias):
-    return x + bias, None
+    # Empty arrays carry the input dtypes to the backward (x + bias may have promoted them).
+    return x + bias, (jnp.zeros((0,), x.dtype), jnp.zeros((0,), bias.dtype))
 
 
-def _add_bias_bwd(_, g):
-    return g, _sum_over_leading(g)
+def _add_bias_bwd(dtypes, g):
+    x_dtype, bias_dtype = (d.dtype for d in dtypes)
+    return g.astype(x_dtype), _sum_over_leading(g).astype(bias_dtype)
 
 
 add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)

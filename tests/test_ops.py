@@ -954,3 +954,11 @@ def test_unfused_is_an_exact_copy(dtype):
     got = jax.jit(ops._unfused)(x)
     assert got.dtype == x.dtype and got.shape == x.shape
     np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(x, np.float32))
+
+
+def test_add_bias_mixed_dtypes_get_cotangents_of_their_own_dtype():
+    x = jnp.ones((2, 3, 4), jnp.float32)
+    bias = jnp.ones((4,), jnp.bfloat16)
+    g_x, g_b = jax.grad(lambda x, b: jnp.sum(ops.add_bias(x, b)), (0, 1))(x, bias)
+    assert g_x.dtype == jnp.float32 and g_b.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(g_b, np.float32), np.full(4, 6.0, np.float32))
