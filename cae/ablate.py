@@ -35,7 +35,6 @@ import numpy as np
 import yaml
 
 from cae import config as config_lib
-from cae import data as data_lib
 from cae import plots, rundir, train
 from cae.config import Config, ConfigError
 
@@ -91,17 +90,8 @@ def _train_sections() -> list[str]:
 
 
 def _ablation_from_dict(values) -> AblationConfig:
-    if values is None:
-        values = {}
-    if not isinstance(values, dict):
-        raise ConfigError(f"ablation: expected a mapping of keys, got {values!r}")
-    allowed = [f.name for f in dataclasses.fields(AblationConfig)]
-    unknown = sorted(set(values) - set(allowed))
-    if unknown:
-        raise ConfigError(f"unknown key ablation.{unknown[0]}: allowed in ablation are {allowed}")
-    # The same type checker and messages as the training sections.
-    kwargs = {k: config_lib._coerce(v, list[int], f"ablation.{k}") for k, v in values.items()}
-    ablation = AblationConfig(**kwargs)
+    # The same checks and messages as the training sections.
+    ablation = config_lib.build_section("ablation", AblationConfig, values)
     seeds = ablation.seeds
     if not seeds:
         raise ConfigError("ablation.seeds=[]: need at least one seed, e.g. [0, 1, 2]")
@@ -485,20 +475,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="override a key, e.g. --set train.epochs=1 or --set "
                              "ablation.seeds=[0,1] (repeatable)")
     args = parser.parse_args(argv)
-    try:
+
+    def run():
         base, ablation = load_ablation_config(args.config, args.set)
         runs = run_sweep(base, ablation, log=lambda s: print(s, flush=True))
-        rows = write_reports(base.output.dir, runs, base, ablation)
-    except (ConfigError, data_lib.DataError, rundir.RunDirError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except train.TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: run the same command again to resume the sweep (finished runs are "
-              "reused, the interrupted one resumes from its last checkpoint)", file=sys.stderr)
-        return 130
+        return base, write_reports(base.output.dir, runs, base, ablation)
+
+    code, result = train.run_command(
+        run, "interrupted: run the same command again to resume the sweep (finished runs are "
+             "reused, the interrupted one resumes from its last checkpoint)")
+    if code:
+        return code
+    base, rows = result
     out = Path(base.output.dir)
     mse = _by_variant(rows, "test_mse")
     print(f"done: {out / CSV_FILE}, {out / MD_FILE}, {out / PNG_FILE}")

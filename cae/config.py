@@ -154,6 +154,21 @@ def _section_types(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def build_section(name: str, cls, values: Any):
+    """One config section: the mapping ``values`` (None: all defaults) -> dataclass ``cls``,
+    every key known and type-checked (errors name ``name.key``)."""
+    values = values or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{name}: expected a mapping of keys, got {values!r}")
+    types_ = _section_types(cls)
+    unknown = sorted(set(values) - set(types_))
+    if unknown:
+        raise ConfigError(
+            f"unknown key {name}.{unknown[0]}: allowed in {name} are {sorted(types_)}"
+        )
+    return cls(**{k: _coerce(v, types_[k], f"{name}.{k}") for k, v in values.items()})
+
+
 def from_dict(raw: Any) -> Config:
     """Nested dict (e.g. from YAML) -> validated :class:`Config`. Missing keys take defaults."""
     if raw is None:
@@ -164,20 +179,8 @@ def from_dict(raw: Any) -> Config:
     unknown = sorted(set(raw) - set(sections))
     if unknown:
         raise ConfigError(f"unknown section {unknown[0]!r}: allowed are {sorted(sections)}")
-    built = {}
-    for name, cls in sections.items():
-        values = raw.get(name) or {}
-        if not isinstance(values, dict):
-            raise ConfigError(f"{name}: expected a mapping of keys, got {values!r}")
-        types_ = _section_types(cls)
-        unknown = sorted(set(values) - set(types_))
-        if unknown:
-            raise ConfigError(
-                f"unknown key {name}.{unknown[0]}: allowed in {name} are {sorted(types_)}"
-            )
-        kwargs = {k: _coerce(v, types_[k], f"{name}.{k}") for k, v in values.items()}
-        built[name] = cls(**kwargs)
-    cfg = Config(**built)
+    cfg = Config(**{name: build_section(name, cls, raw.get(name))
+                     for name, cls in sections.items()})
     validate(cfg)
     return cfg
 

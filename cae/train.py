@@ -15,6 +15,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before anything imports TensorFlow
 
@@ -449,6 +450,26 @@ def _finish(cfg, state, ds, history, run_dir, writer, steady_images, steady_time
 # ----------------------------------------------------------------------------------------------
 
 
+def run_command(body, interrupted: str) -> tuple[int, Any]:
+    """Run a command-line entry point's ``body()``; returns (exit code, its result).
+
+    Mistakes in the config, the data or the run dir give one line on stderr and exit code 2, a
+    diverged run 1, Ctrl-C the ``interrupted`` hint and 130; never a traceback. Other
+    exceptions are bugs and propagate.
+    """
+    try:
+        return 0, body()
+    except (ConfigError, data_lib.DataError, rundir.RunDirError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2, None
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1, None
+    except KeyboardInterrupt:
+        print(interrupted, file=sys.stderr)
+        return 130, None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = config_lib.CommandLineParser(prog="python -m cae.train",
                                           description=__doc__.splitlines()[0])
@@ -456,20 +477,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set train.epochs=3 (repeatable)")
     args = parser.parse_args(argv)
-    try:
+
+    def run():
         maybe_initialize_distributed()
         cfg = config_lib.load_config(args.config, args.set)
-        summary = train_and_evaluate(cfg)
-    except (ConfigError, data_lib.DataError, rundir.RunDirError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: run the same command again to resume from the last checkpoint",
-              file=sys.stderr)
-        return 130
+        return cfg, train_and_evaluate(cfg)
+
+    code, result = run_command(
+        run, "interrupted: run the same command again to resume from the last checkpoint")
+    if code:
+        return code
+    cfg, summary = result
     probe_acc = summary.get("linear_probe_acc")
     probed = "" if probe_acc is None else f", linear_probe_acc {probe_acc:.4f}"
     print(f"done: test_mse {summary['test_mse']:.5f}, test_psnr {summary['test_psnr']:.2f} dB"
