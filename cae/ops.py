@@ -328,8 +328,7 @@ def _conv_bwd(strides, pads, res, g):
     ``lax.scan`` on CPU (see ``_kernel_cotangent``)."""
     x, kernel = res
     khw = _kernel_hw(kernel)
-    op = tuple(size + p[0] + p[1] - ((o - 1) * st + k)  # rows of x no output window reached
-               for size, p, o, st, k in zip(x.shape[1:3], pads, g.shape[1:3], strides, khw))
+    op = output_padding_for(x.shape[1:3], khw, strides, pads)  # rows no output window reached
     # C^T g by whichever form is fastest for this shape (as for conv_transpose's default).
     c_transpose = _FORWARD_ONLY[choose_impl(kernel.shape, strides)]
     g_x = c_transpose(g, kernel, strides, pads, op).astype(x.dtype)
