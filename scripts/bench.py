@@ -196,7 +196,7 @@ def main(argv=None) -> int:
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     flops_per_step = float(cost.get("flops", 0.0)) if cost else 0.0
 
-    states = {"jax per-step": state, "jax scan": None}
+    states = {"jax per-step": state}
     position = {"jax per-step": 0}
 
     def run_step(n):
