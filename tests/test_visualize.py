@@ -56,19 +56,14 @@ def test_bad_run_dirs_are_one_line_exit_2_and_write_nothing(capsys, tmp_path):
     _one_error_line(err)
     assert _listing(started) == ["config.yaml"] and not (tmp_path / "pictures").exists()
 
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    (broken / "config.yaml").write_text("model: {features: [8, 16]\n")
-    code, _, err = _run_main(capsys, broken)
-    assert code == 2 and "malformed YAML" in err
-    _one_error_line(err)
-
-    wrong = tmp_path / "wrong"
-    wrong.mkdir()
-    (wrong / "config.yaml").write_text("model: {featurez: [8, 16]}\n")
-    code, _, err = _run_main(capsys, wrong)
-    assert code == 2 and "featurez" in err
-    _one_error_line(err)
+    for name, text, expected in [("broken", "model: {features: [8, 16]\n", "malformed YAML"),
+                                 ("wrong", "model: {featurez: [8, 16]}\n", "featurez")]:
+        bad = tmp_path / name
+        bad.mkdir()
+        (bad / "config.yaml").write_text(text)
+        code, _, err = _run_main(capsys, bad)
+        assert code == 2 and expected in err
+        _one_error_line(err)
 
     code, _, err = _run_main(capsys, started, "--out", a_file)
     assert code == 2 and "not a directory" in err
