@@ -48,7 +48,9 @@ class ModelConfig:
     padding: int | str | list[int | str] = 1  # ints, "SAME" or "VALID"
     tied: bool = True  # decoder layer i reuses encoder layer i's kernel array
     activation: Literal[ACTIVATIONS] = "relu"
-    conv_transpose_impl: Literal["auto", "lax", "subpixel", "phase"] = "auto"
+    # On the code (the last encoder layer's output): "none" keeps it linear in the last conv.
+    code_activation: Literal[("none", *ACTIVATIONS)] = "none"
+    conv_transpose_impl: Literal["auto", "lax", "subpixel", "phase", "s2d"] = "auto"
 
 
 @dataclasses.dataclass

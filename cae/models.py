@@ -103,6 +103,7 @@ class ConvAutoencoder(nn.Module):
     padding: Sequence[Any]
     tied: bool = True
     activation: str = "relu"
+    code_activation: str = "none"
     impl: str = ops.DEFAULT_IMPL
     image_shape: tuple[int, int, int] | None = None
 
@@ -142,8 +143,10 @@ class ConvAutoencoder(nn.Module):
         if encode:
             for i, layer in enumerate(encoder):
                 x = layer(x)
-                if i < n - 1:  # no activation on the code: it is linear in the last conv
+                if i < n - 1:
                     x = act(x)
+                elif self.code_activation != "none":
+                    x = ACTIVATIONS[self.code_activation](x)
         elif tuple(x.shape[1:]) != (*sizes[-1], self.features[-1]):
             raise ValueError(f"code of shape {tuple(x.shape[1:])} does not fit this model: "
                              f"expected {(*sizes[-1], self.features[-1])}")

@@ -646,10 +646,125 @@ def _conv_transpose_phase_bwd(strides, pads, op, res, g):
 _conv_transpose_phase.defvjp(_conv_transpose_phase_fwd, _conv_transpose_phase_bwd)
 
 
+# ----------------------------------------------------------------------------------------------
+# Transposed convolution C^T, "s2d" implementation (space-to-depth: every pass has stride 1)
+# ----------------------------------------------------------------------------------------------
+#
+# A stride-s conv is a stride-1 conv of a rearranged input. With T = ceil(k / s) and the kernel
+# zero-padded to T*s taps, ``y[o] = sum_j xpad[o*s + j] K[j]`` splits ``j = a*s + r`` into
+# ``sum_{a < T} X[o + a, r] K[a*s + r]`` where ``X = space_to_depth(xpad)`` puts the s phases
+# ``r`` of each block of s rows into channels. So ``C = C1 . S`` with S = pad/crop then
+# space-to-depth (a permutation of entries, plus zeros) and C1 a stride-1 VALID conv with the
+# rearranged kernel ``Ks [T, T, s*s*C_in, C_out]``. Then ``C^T = S^T . C1^T``: a stride-1 "full"
+# correlation of the *undilated* y (no zeros inserted anywhere), then depth-to-space and a crop.
+# Its VJP is again stride 1: the input cotangent ``C g = C1(S(g))``, the kernel cotangent a
+# stride-1 backward-filter conv of S(g) with y (no rhs_dilation), rearranged back to K's taps.
+# Where s divides k the work is exactly that of the strided forms (k=4, s=2: 2x2 taps of 4*C_in
+# channels); otherwise the padded taps are zeros that cost work (k=3, s=2: 16/9), so
+# ``choose_impl`` uses it only for kernels that s divides.
+
+
+def _window(a, starts: Sequence[int], sizes: Sequence[int]):
+    """``a[:, start:start + size]`` along axes 1 and 2, reading zeros outside ``a``."""
+    pads, cuts = [], []
+    for axis, (start, size) in enumerate(zip(starts, sizes), 1):
+        before, after = max(-start, 0), max(start + size - a.shape[axis], 0)
+        pads.append((before, after))
+        cuts.append(slice(start + before, start + before + size))
+    a = jnp.pad(a, ((0, 0), *pads, (0, 0))) if any(map(any, pads)) else a
+    return a[:, cuts[0], cuts[1]]
+
+
+def _s2d_taps(kernel_hw: Pair, strides: Pair) -> Pair:
+    return tuple(-(-k // s) for k, s in zip(kernel_hw, strides))
+
+
+def _space_to_depth(a, strides: Pair):
+    """[N, H, W, C] (H, W multiples of s) -> [N, H/sh, W/sw, sh*sw*C], channels (r_h, r_w, c)."""
+    (n, h, w, c), (sh, sw) = a.shape, strides
+    a = a.reshape(n, h // sh, sh, w // sw, sw, c).transpose(0, 1, 3, 2, 4, 5)
+    return a.reshape(n, h // sh, w // sw, sh * sw * c)
+
+
+def _depth_to_space(z, strides: Pair):
+    """The inverse of ``_space_to_depth``: [N, Q, P, sh*sw*C] -> [N, Q*sh, P*sw, C]."""
+    (n, q, p, c), (sh, sw) = z.shape, strides
+    z = z.reshape(n, q, p, sh, sw, c // (sh * sw)).transpose(0, 1, 3, 2, 4, 5)
+    return z.reshape(n, q * sh, p * sw, c // (sh * sw))
+
+
+def _s2d_input(x, y_hw: Pair, kernel_hw: Pair, strides: Pair, pads):
+    """S(x): x [N, H, W, C] padded by the forward conv's ``lo`` (and cropped or zero-extended to
+    the (H' - 1 + T) * s rows its windows read), then space-to-depth: [N, H'-1+T, W'-1+T, s*s*C]."""
+    taps = _s2d_taps(kernel_hw, strides)
+    rows = [(o - 1 + t) * s for o, t, s in zip(y_hw, taps, strides)]
+    return _space_to_depth(_window(x, [-p[0] for p in pads], rows), strides)
+
+
+def _s2d_kernel(kernel, strides: Pair):
+    """K [kh, kw, C_in, C_out] -> Ks [T_h, T_w, sh*sw*C_in, C_out] (zero taps past k)."""
+    kh, kw, c_in, c_out = kernel.shape
+    (th, tw), (sh, sw) = _s2d_taps((kh, kw), strides), strides
+    kz = jnp.pad(kernel, ((0, th * sh - kh), (0, tw * sw - kw), (0, 0), (0, 0)))
+    kz = kz.reshape(th, sh, tw, sw, c_in, c_out).transpose(0, 2, 1, 3, 4, 5)
+    return kz.reshape(th, tw, sh * sw * c_in, c_out)
+
+
+def _s2d_kernel_transpose(ks, kernel_shape, strides: Pair):
+    """The adjoint of ``_s2d_kernel`` (a permutation, then dropping the zero taps)."""
+    kh, kw, c_in, c_out = kernel_shape
+    th, tw = ks.shape[:2]
+    (sh, sw) = strides
+    kz = ks.reshape(th, tw, sh, sw, c_in, c_out).transpose(0, 2, 1, 3, 4, 5)
+    return kz.reshape(th * sh, tw * sw, c_in, c_out)[:kh, :kw]
+
+
+def _conv_transpose_s2d_fwd_only(y, kernel, strides, pads, op):
+    """C^T y = S^T(C1^T y): C1^T is the stride-1 full correlation of y with Ks rotated by 180
+    degrees and I/O-swapped; S^T is depth-to-space, then the window that drops ``lo``."""
+    acc = _accum_type(y, kernel)
+    khw = _kernel_hw(kernel)
+    th, tw = _s2d_taps(khw, strides)
+    ks = _s2d_kernel(kernel, strides)
+    z = lax.conv_general_dilated(
+        y, ks[::-1, ::-1].transpose(0, 1, 3, 2), (1, 1), [(th - 1, th - 1), (tw - 1, tw - 1)],
+        dimension_numbers=_DN, preferred_element_type=acc)  # [N, H'-1+T, W'-1+T, s*s*C_in]
+    out_hw = [conv_transpose_output_size(h, k, s, p, o)
+              for h, k, s, p, o in zip(y.shape[1:3], khw, strides, pads, op)]
+    x = _window(_depth_to_space(z, strides), [p[0] for p in pads], out_hw)
+    return x.astype(jnp.result_type(y, kernel))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv_transpose_s2d(y, kernel, strides, pads, op):
+    return _conv_transpose_s2d_fwd_only(y, kernel, strides, pads, op)
+
+
+def _conv_transpose_s2d_fwd(y, kernel, strides, pads, op):
+    return _conv_transpose_s2d_fwd_only(y, kernel, strides, pads, op), (y, kernel)
+
+
+def _conv_transpose_s2d_bwd(strides, pads, op, res, g):
+    """g_y = C g = C1(S(g)) and g_K from the stride-1 backward-filter conv of S(g) with y."""
+    y, kernel = res
+    khw = _kernel_hw(kernel)
+    sg = _s2d_input(g, y.shape[1:3], khw, strides, pads)
+    ks = _s2d_kernel(kernel, strides)
+    acc = _accum_type(g, kernel)
+    g_y = lax.conv_general_dilated(sg, ks, (1, 1), "VALID", dimension_numbers=_DN,
+                                   preferred_element_type=acc).astype(y.dtype)
+    g_ks = _kernel_cotangent(sg, y, ks.shape[:2], (1, 1), ((0, 0), (0, 0)), kernel.dtype)
+    return g_y, _s2d_kernel_transpose(g_ks, kernel.shape, strides)
+
+
+_conv_transpose_s2d.defvjp(_conv_transpose_s2d_fwd, _conv_transpose_s2d_bwd)
+
+
 IMPLEMENTATIONS = {"lax": _conv_transpose_lax, "subpixel": _conv_transpose_subpixel,
-                   "phase": _conv_transpose_phase}
+                   "phase": _conv_transpose_phase, "s2d": _conv_transpose_s2d}
 _FORWARD_ONLY = {"lax": _conv_transpose_lax_fwd_only, "subpixel": _conv_transpose_subpixel_fwd_only,
-                 "phase": _conv_transpose_phase_fwd_only}  # C^T without a custom VJP
+                 "phase": _conv_transpose_phase_fwd_only,
+                 "s2d": _conv_transpose_s2d_fwd_only}  # C^T without a custom VJP
 AUTO = "auto"  # choose_impl per layer shape, at trace time
 DEFAULT_IMPL = AUTO
 

@@ -116,7 +116,8 @@ def build_model(cfg: Config, image_shape=None) -> models.ConvAutoencoder:
         kernel_size=tuple(config_lib.per_layer(m.kernel_size, n, "model.kernel_size")),
         strides=tuple(config_lib.per_layer(m.strides, n, "model.strides")),
         padding=tuple(config_lib.per_layer(m.padding, n, "model.padding")),
-        tied=m.tied, activation=m.activation, impl=m.conv_transpose_impl,
+        tied=m.tied, activation=m.activation, code_activation=m.code_activation,
+        impl=m.conv_transpose_impl,
         image_shape=None if image_shape is None else tuple(int(v) for v in image_shape),
     )
 

@@ -107,7 +107,10 @@ def torch_trainer(torch, cfg, params, images: np.ndarray, batch: int, seed: int)
         for i in range(n):
             sizes.append(x.shape[-2:])
             x = f.conv2d(x, enc[i][0], enc[i][1], stride=ss[i], padding=ps[i])
-            x = act(x) if i < n - 1 else x
+            if i < n - 1:
+                x = act(x)
+            elif m.code_activation != "none":
+                x = getattr(f, m.code_activation)(x)
         for i in reversed(range(n)):
             kernel = enc[i][0] if m.tied else dec[i][0]
             op = [size - ops.conv_transpose_output_size(h, ks[i], ss[i], (ps[i], ps[i]))

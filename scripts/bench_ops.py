@@ -18,15 +18,19 @@ otherwise drop it. Methods:
 * ``torch``     ``torch.nn.functional.conv_transpose2d`` forward + ``backward()`` on CPU (NCHW),
                 if ``import torch`` works and ``--no-torch`` is not given; threads = JAX's cores
 
-Shapes (NHWC, kernels HWIO = the forward conv's ``[kh, kw, C_in, C_out]``): the default model's
-decoder (features [32, 64, 16], kernel 3, stride 2, padding 1, 28x28x1 MNIST; encoder
-28 -> 14 -> 7 -> 4) at ``--batch`` B:
+Shapes (NHWC, kernels HWIO = the forward conv's ``[kh, kw, C_in, C_out]``), kernel 3, stride 2,
+padding 1, 28x28x1 MNIST, at ``--batch`` B: the decoder of the default model
+(``configs/mnist_tied.yaml``, features [32, 128]: encoder 28 -> 14 -> 7), of the bottleneck model
+(``configs/mnist_tied_bottleneck.yaml``, features [32, 64, 16]: 28 -> 14 -> 7 -> 4), and a larger
+layer:
 
-* dec1  y [B, 4, 4, 16],   K [3, 3, 64, 16] -> [B, 7, 7, 64]    (output_padding 0)
-* dec2  y [B, 7, 7, 64],   K [3, 3, 32, 64] -> [B, 14, 14, 32]  (output_padding 1)
-* dec3  y [B, 14, 14, 32], K [3, 3, 1, 32]  -> [B, 28, 28, 1]   (output_padding 1)
+* wide2 y [B, 7, 7, 128],  K [3, 3, 32, 128] -> [B, 14, 14, 32] (output_padding 1; default model)
+* dec1  y [B, 4, 4, 16],   K [3, 3, 64, 16] -> [B, 7, 7, 64]    (output_padding 0; bottleneck)
+* dec2  y [B, 7, 7, 64],   K [3, 3, 32, 64] -> [B, 14, 14, 32]  (output_padding 1; bottleneck)
+* dec3  y [B, 14, 14, 32], K [3, 3, 1, 32]  -> [B, 28, 28, 1]   (output_padding 1; both models)
 * large y [B/4, 16, 16, 64], K [4, 4, 64, 64] -> [B/4, 32, 32, 64] (k=4, s=2, p=1)
-* decoder  dec1 -> relu -> dec2 -> relu -> dec3 as one jitted step
+* decoder     wide2 -> relu -> dec3 as one jitted step (the default model's decoder)
+* decoder_bn  dec1 -> relu -> dec2 -> relu -> dec3 as one jitted step
 
 Every JAX method is compiled with ``cae.ops.compile_fast`` (on CPU: XLA's own convolutions
 instead of YNNPACK's, as ``cae.train`` compiles its programs); ``--xla-default`` compiles them
@@ -83,13 +87,18 @@ def layer(name, batch, in_hw, c_in, c_out, k, s, p):
 
 
 def problems(batch):
-    dec = [
-        layer("dec1", batch, (7, 7), 64, 16, 3, 2, 1),
-        layer("dec2", batch, (14, 14), 32, 64, 3, 2, 1),
-        layer("dec3", batch, (28, 28), 1, 32, 3, 2, 1),
-    ]
-    large = layer("large", max(1, batch // 4), (32, 32), 64, 64, 4, 2, 1)
-    return dec, large
+    """The layers timed, by name, and the multi-layer decoder steps (name -> layer names)."""
+    layers = {
+        # configs/mnist_tied.yaml (features [32, 128], the default): 7x7x128 -> 14x14x32 -> 28.
+        "wide2": layer("wide2", batch, (14, 14), 32, 128, 3, 2, 1),
+        # configs/mnist_tied_bottleneck.yaml (features [32, 64, 16]): 4x4x16 -> 7 -> 14 -> 28.
+        "dec1": layer("dec1", batch, (7, 7), 64, 16, 3, 2, 1),
+        "dec2": layer("dec2", batch, (14, 14), 32, 64, 3, 2, 1),
+        "dec3": layer("dec3", batch, (28, 28), 1, 32, 3, 2, 1),  # the last layer of both
+        "large": layer("large", max(1, batch // 4), (32, 32), 64, 64, 4, 2, 1),
+    }
+    steps = {"decoder": ("wide2", "dec3"), "decoder_bn": ("dec1", "dec2", "dec3")}
+    return layers, steps
 
 
 def describe(lay):
@@ -309,16 +318,16 @@ def main(argv=None):
     print(f"# fwd+bwd (value_and_grad w.r.t. y and kernel), ms per call, median of {args.reps}; "
           f"ratio = time / {BASELINE} time")
 
-    dec, large = problems(args.batch)
-    cases = [(lay["name"], [lay]) for lay in dec] + [("large", [large])]
-    cases.append(("decoder", dec))
+    layers, steps = problems(args.batch)
+    cases = [(name, [lay]) for name, lay in layers.items()]
+    cases += [(name, [layers[n] for n in names]) for name, names in steps.items()]
     results = []
-    header = f"{'problem':<9}" + "".join(f"{m:>22}" for m in methods)
+    header = f"{'problem':<12}" + "".join(f"{m:>22}" for m in methods)
     print(header)
     for name, layers in cases:
         med, raw = bench(name, layers, methods, args.reps, torch, args.xla_default)
         base = med[BASELINE]
-        row = f"{name:<9}" + "".join(cell(med[m], med[m] / base) for m in methods)
+        row = f"{name:<12}" + "".join(cell(med[m], med[m] / base) for m in methods)
         print(row, flush=True)
         results.append({
             "problem": name,
@@ -327,15 +336,17 @@ def main(argv=None):
             "ratio_vs_autodiff": {m: med[m] / base for m in methods},
             "all_ms": raw,
         })
-    sum_layers = {m: sum(r["median_ms"][m] for r in results if r["problem"] in
-                         ("dec1", "dec2", "dec3")) for m in methods}
-    print(f"{'dec sum':<9}" + "".join(
-        cell(sum_layers[m], sum_layers[m] / sum_layers[BASELINE]) for m in methods))
+    sums = {}
+    for name, names in steps.items():  # each decoder step against the sum of its layers alone
+        sums[name] = {m: sum(r["median_ms"][m] for r in results if r["problem"] in names)
+                      for m in methods}
+        print(f"{name + ' sum':<12}" + "".join(
+            cell(sums[name][m], sums[name][m] / sums[name][BASELINE]) for m in methods))
     for name, layers in cases:
         print(f"#   {name}: " + "; ".join(describe(lay) for lay in layers))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"info": info, "results": results, "decoder_layer_sum_ms": sum_layers},
+            json.dump({"info": info, "results": results, "decoder_layer_sum_ms": sums},
                       f, indent=2)
         print(f"# wrote {args.json}")
 

@@ -100,11 +100,20 @@ def test_tied_model_has_one_kernel_leaf_per_layer_and_the_expected_count(geometr
     assert _count(tied) == expected
 
 
-def test_default_model_parameter_counts():
-    geometry = GEOMETRIES[0]
+def test_shipped_models_parameter_counts():
     x = jnp.zeros((1, 28, 28, 1))
+    # configs/mnist_tied_bottleneck.yaml: 32, 64, 16 channels (4x4x16 code)
+    geometry = GEOMETRIES[0]
     assert _count(jax.eval_shape(_model(geometry, True).init, jax.random.key(0), x)) == 28145
     assert _count(jax.eval_shape(_model(geometry, False).init, jax.random.key(0), x)) == 56081
+    # configs/mnist_tied.yaml (default): 32, 128 channels (7x7x128 code). Tied: kernels
+    # 9*1*32 + 9*32*128, encoder biases 32 + 128, decoder biases 32 + 1; untied adds the kernels.
+    geometry = ((28, 28, 1), (32, 128), (3, 3), (2, 2), (1, 1))
+    kernels = 9 * 1 * 32 + 9 * 32 * 128
+    tied = _count(jax.eval_shape(_model(geometry, True).init, jax.random.key(0), x))
+    assert tied == kernels + 32 + 128 + 32 + 1 == 37345
+    untied = _count(jax.eval_shape(_model(geometry, False).init, jax.random.key(0), x))
+    assert untied == tied + kernels == 74497
 
 
 def test_tied_kernel_gradient_is_the_sum_of_its_two_uses():
@@ -170,6 +179,29 @@ def test_no_activation_on_the_code_layer():
     assert float(hidden.min()) < 0  # pre-activation output; the ReLU comes after it
     logits = model.apply({"params": params}, x)
     assert float(logits.min()) < 0 < float(logits.max())  # logits, not an activation
+
+
+@pytest.mark.parametrize("code_activation", ["relu", "tanh"])
+def test_code_activation_is_applied_to_the_code_and_nowhere_else(code_activation):
+    """code_activation=f: encode gives f(the linear code), with the same parameters; decode is
+    the same function of its input either way (the activation sits between the halves)."""
+    geometry = GEOMETRIES[2]
+    shape = geometry[0]
+    linear = _model(geometry).clone(image_shape=shape)
+    model = linear.clone(code_activation=code_activation)
+    x = _uniform((3, *shape), 9)
+    params = _init(linear, x, seed=3)
+    assert jax.tree.structure(params) == jax.tree.structure(_init(model, x, seed=3))
+    variables = {"params": params}
+    code = linear.apply(variables, x, method="encode")
+    assert float(code.min()) < 0  # so a ReLU would change it
+    f = models.ACTIVATIONS[code_activation]
+    np.testing.assert_allclose(model.apply(variables, x, method="encode"), f(code), rtol=1e-6)
+    np.testing.assert_array_equal(model.apply(variables, code, method="decode"),
+                                  linear.apply(variables, code, method="decode"))
+    np.testing.assert_allclose(model.apply(variables, x),
+                               linear.apply(variables, f(code), method="decode"), rtol=1e-5,
+                               atol=1e-6)
 
 
 def test_kernel_too_large_for_the_image_is_a_value_error():
