@@ -8,7 +8,7 @@ What is tested, against what (every check compares computed numbers; nothing is 
 1. Adjoint identity ``<C x, y> == <x, C^T y>`` on 30 seeded geometries that cover every
    (kernel 1-5, stride 1-3, output_padding in [0, stride)) combination on each spatial axis,
    random asymmetric paddings in 0..k-1, channels 1-6, batch 1-3, non-square images; both
-   implementations (``ops.IMPLEMENTATIONS``: "lax", "subpixel", "phase" and "s2d").
+   implementations (``ops.IMPLEMENTATIONS``: "lax", "subpixel" and "phase").
 2. ``conv_transpose`` equals three references written here from first principles: (a) zero
    insertion + "full" padding + stride-1 ``ops.conv`` with the 180-degree-rotated, I/O-swapped
    kernel, (b) ``C^T vec(y)`` with the dense matrix ``C`` built entry by entry in NumPy,
@@ -641,7 +641,7 @@ def test_grad_jaxpr_has_no_zero_insertion_in_backward(impl):
         lambda y, k: grad_ct(y, k, g, **case.kw(), impl=impl))(y, kernel).jaxpr
     eqns = _conv_eqns(jaxpr)
     dilated = [e for e in eqns if tuple(e.params["lhs_dilation"]) != (1, 1)]
-    want = {"lax": 1, "subpixel": 0, "phase": 0, "s2d": 0, None: 2}[impl]
+    want = {"lax": 1, "subpixel": 0, "phase": 0, None: 2}[impl]
     assert len(dilated) == want, [e.params for e in eqns]
 
 
@@ -783,7 +783,7 @@ ERROR_CASES = [
     ("ct_padding_too_large", lambda: ops.conv_transpose(_Y, _K, 1, 4),
      r"conv_transpose output H would be -2 < 1 .*reduce the padding"),
     ("unknown_impl", lambda: ops.conv_transpose(_Y, _K, 1, 1, impl="fft"),
-     r"impl='fft': allowed are \['auto', 'lax', 'phase', 's2d', 'subpixel'\]"),
+     r"impl='fft': allowed are \['auto', 'lax', 'phase', 'subpixel'\]"),
 ]
 
 
