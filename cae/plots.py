@@ -272,6 +272,7 @@ def ablation_figure(epochs: np.ndarray, curves: dict[str, np.ndarray],
     right.set_title("final test MSE vs parameter count (bar: mean)")
     right.yaxis.set_major_formatter("{x:.3g}")  # no offset text: it collides with the title
     right.xaxis.set_major_formatter("{x:,.0f}")
+    right.xaxis.set_major_locator(MaxNLocator(nbins=5))  # comma-grouped labels need room
     lo = min(np.min(v) for v in num_params.values())
     hi = max(np.max(v) for v in num_params.values())
     pad = 0.1 * max(hi - lo, hi * 0.1)

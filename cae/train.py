@@ -416,6 +416,8 @@ def _finish(cfg, state, ds, history, run_dir, writer, steady_images, steady_time
         title=f"{ds.name}, {'tied' if cfg.model.tied else 'untied'}"))
     probe_acc = None
     if cfg.train.linear_probe:  # frozen codes of the train split -> classifier -> test split
+        print(f"linear probe: logistic regression on the codes of {len(ds.train)} train images "
+              "(train.linear_probe=false skips it)", flush=True)
         probe_acc = probe.probe_dataset(build_model(cfg, ds.image_shape).apply, state.params, ds,
                                         cfg.train.eval_batch_size, seed=cfg.train.seed)
         if probe_acc is not None:

@@ -91,6 +91,19 @@ def test_standardize_uses_the_train_statistics_only():
     assert np.all(np.isfinite(z_test))
 
 
+@pytest.mark.parametrize("rows_per_chunk", [1, 64, 1000, 5000])
+def test_column_stats_by_chunks_equal_float64_numpy(rows_per_chunk):
+    """The chunked float64 mean/std equal NumPy's float64 ones for any chunking (1000 rows:
+    chunks that do not divide it, one chunk, a chunk larger than the array), also with a large
+    offset where a one-pass E[x^2] - E[x]^2 in float32 would lose the variance."""
+    rng = np.random.default_rng(4)
+    x = (rng.normal(0.0, 1.0, (1000, 6)) * [1, 2, 3, 1e-2, 5, 1] + [0, 1e3, -5, 1e4, 0, 0])
+    x = x.astype(np.float32)
+    mean, std = probe._column_stats(x, rows_per_chunk)
+    np.testing.assert_allclose(mean, x.astype(np.float64).mean(0), rtol=1e-12, atol=1e-9)
+    np.testing.assert_allclose(std, x.astype(np.float64).std(0), rtol=1e-9)
+
+
 def test_separable_classes_are_found():
     x, y, _ = _blobs(3000, 20, 5, separation=40.0, seed=2)
     acc = probe.linear_probe(x[:2000], y[:2000], x[2000:], y[2000:], steps=100, seed=0)

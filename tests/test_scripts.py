@@ -21,10 +21,13 @@ def _run(args, env=None):
 def test_bench_ops_runs_and_checks_every_impl():
     out = _run(["scripts/bench_ops.py", "--batch", "8", "--reps", "1", "--no-torch",
                 "--impls", "auto,lax,subpixel,phase,autodiff"])
-    rows = {line.split()[0]: line for line in out.splitlines()
-            if re.match(r"^(dec1|dec2|dec3|large|decoder)\s", line)}
-    assert set(rows) == {"dec1", "dec2", "dec3", "large", "decoder"}
+    names = {"wide2", "dec1", "dec2", "dec3", "large", "decoder", "decoder_bn"}
+    rows = {line.split()[0]: line for line in out.splitlines() if line.split()[:1] and
+            line.split()[0] in names and line.split()[1] != "sum"}
+    assert set(rows) == names
     assert all(line.count(" ms (") == 5 for line in rows.values())  # one cell per method
+    sums = [line for line in out.splitlines() if re.match(r"^decoder(_bn)? sum\s", line)]
+    assert len(sums) == 2 and all(line.count(" ms (") == 5 for line in sums)
 
 
 @pytest.mark.slow
@@ -36,3 +39,12 @@ def test_bench_training_runs(subprocess_env):
     assert "jax per-step" in rates and "jax scan" in rates
     assert all(int(v) > 0 for v in rates.values())
     assert "whole epoch as one program: 32 steps" in out
+
+
+@pytest.mark.slow
+def test_probe_baseline_of_an_untrained_model(subprocess_env):
+    out = _run(["scripts/probe_baseline.py", "--config", "configs/smoke.yaml",
+                "--set", "data.max_train_examples=2000"], env=subprocess_env)
+    acc = float(re.search(r"linear probe on 2000 train / 10000 test codes: ([0-9.]+)$", out,
+                          re.M).group(1))
+    assert 0.5 < acc < 1.0  # random ReLU features separate MNIST far above chance (0.1)
