@@ -49,6 +49,9 @@ Implementations of ``conv_transpose``
 ``"lax"``: ``jax.lax.conv_transpose`` (zero insertion via ``lhs_dilation``) with a custom VJP.
 ``"subpixel"``: the phase decomposition, with the same custom VJP.
 ``"phase"``: all phases as one im2col matmul, with a matmul VJP (kept for comparison).
+``"zero_insertion"``: the gather recipe written out (``lax.pad`` with interior padding, then a
+stride-1 conv), with the same custom VJP as "lax"; compiles where ``lax.conv_transpose`` makes
+XLA:CPU abort.
 All compute the same operator; the tests run every identity against each. ``conv_transpose``
 picks one with ``impl=``; the default, ``"auto"``, picks per layer shape (``choose_impl``,
 from the measurements in BENCHMARKS.md).
@@ -394,6 +397,23 @@ def _kernel_cotangent(x, g, kernel_hw: Pair, strides: Pair, pads: tuple[Pair, Pa
     return jnp.transpose(dk, (1, 2, 0, 3)).astype(dtype)
 
 
+def _conv_transpose_zero_insertion_fwd_only(y, kernel, strides, pads, op):
+    """The gather recipe written out: ``lax.pad`` inserts the s - 1 zeros (interior padding) and
+    adds the "full" padding (negative amounts crop), then one stride-1 VALID correlation with the
+    kernel rotated by 180 degrees and I/O-swapped. Same numbers as the "lax" form, but no
+    ``lhs_dilation``: XLA:CPU's algebraic simplifier aborts the process (a CHECK failure,
+    "Window dimensions do not match RHS shape") on ``lax.conv_transpose`` for some geometries,
+    e.g. y [2, 5, 3, 3], K [2, 4, 2, 3], strides (2, 3), padding ((1, 1), (3, 0)),
+    output_padding (0, 2) (jaxlib 0.10.2); this form compiles for all of them."""
+    acc = _accum_type(y, kernel)
+    (ph, pw), (sh, sw) = _dilated_pads(_kernel_hw(kernel), pads, op), strides
+    zero = jnp.zeros((), y.dtype)
+    yd = lax.pad(y, zero, [(0, 0, 0), (ph[0], ph[1], sh - 1), (pw[0], pw[1], sw - 1), (0, 0, 0)])
+    out = lax.conv_general_dilated(yd, kernel[::-1, ::-1].transpose(0, 1, 3, 2), (1, 1),
+                                   "VALID", dimension_numbers=_DN, preferred_element_type=acc)
+    return out.astype(jnp.result_type(y, kernel))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _conv_transpose_lax(y, kernel, strides, pads, op):
     return _conv_transpose_lax_fwd_only(y, kernel, strides, pads, op)
@@ -492,6 +512,18 @@ def _conv_transpose_subpixel_fwd(y, kernel, strides, pads, op):
 
 # The backward pass is the same math whatever computed the forward: reuse it.
 _conv_transpose_subpixel.defvjp(_conv_transpose_subpixel_fwd, _conv_transpose_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv_transpose_zero_insertion(y, kernel, strides, pads, op):
+    return _conv_transpose_zero_insertion_fwd_only(y, kernel, strides, pads, op)
+
+
+def _conv_transpose_zero_insertion_fwd(y, kernel, strides, pads, op):
+    return _conv_transpose_zero_insertion_fwd_only(y, kernel, strides, pads, op), (y, kernel)
+
+
+_conv_transpose_zero_insertion.defvjp(_conv_transpose_zero_insertion_fwd, _conv_transpose_bwd)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -647,27 +679,32 @@ _conv_transpose_phase.defvjp(_conv_transpose_phase_fwd, _conv_transpose_phase_bw
 
 
 IMPLEMENTATIONS = {"lax": _conv_transpose_lax, "subpixel": _conv_transpose_subpixel,
-                   "phase": _conv_transpose_phase}
+                   "phase": _conv_transpose_phase,
+                   "zero_insertion": _conv_transpose_zero_insertion}
 _FORWARD_ONLY = {"lax": _conv_transpose_lax_fwd_only, "subpixel": _conv_transpose_subpixel_fwd_only,
-                 "phase": _conv_transpose_phase_fwd_only}  # C^T without a custom VJP
+                 "phase": _conv_transpose_phase_fwd_only,
+                 "zero_insertion": _conv_transpose_zero_insertion_fwd_only}  # without custom VJP
 AUTO = "auto"  # choose_impl per layer shape, at trace time
 DEFAULT_IMPL = AUTO
 
 # choose_impl: below this many output channels (the kernel's C_in) the sub-pixel form's s*s
-# separate convolutions are each too thin to pay for themselves, and "lax" is faster.
-# Measured (BENCHMARKS.md, issue 6, 2 CPU cores, batch 128): C_in = 1 (the decoder's last
-# layer): lax 2.5 ms, subpixel 3.3 ms; C_in = 32 / 64: subpixel 10-45 % faster than lax.
+# separate convolutions are each too thin to pay for themselves, and one convolution over the
+# zero-inserted y is faster. Measured (BENCHMARKS.md, issue 6, 2 CPU cores, batch 128): C_in = 1
+# (the decoder's last layer): lax 2.2-3.3 ms, zero_insertion 3.4 ms, subpixel 3.5-4.4 ms;
+# C_in = 32 / 64 / 128: subpixel 10-45 % faster than lax.
 _SUBPIXEL_MIN_CHANNELS = 8
 
 
 def choose_impl(kernel_shape: Sequence[int], strides=1) -> str:
     """The implementation ``impl="auto"`` (the default) uses for a kernel [kh, kw, C_in, C_out]
     and strides: "subpixel" for strided layers with at least 8 output channels (C_in), else
-    "lax" (with stride 1 there are no zeros to avoid and both are one convolution)."""
+    "zero_insertion" (with stride 1 there are no zeros to avoid and both are one convolution).
+    Never "lax": ``lax.conv_transpose`` aborts XLA:CPU for some geometries (see
+    ``_conv_transpose_zero_insertion_fwd_only``), and the explicit form is as fast."""
     s = _strides(strides)
     if max(s) > 1 and kernel_shape[2] >= _SUBPIXEL_MIN_CHANNELS:
         return "subpixel"
-    return "lax"
+    return "zero_insertion"
 
 
 def conv_transpose(y: jax.Array, kernel: jax.Array, strides=1, padding: PaddingLike = 0,

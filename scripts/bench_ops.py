@@ -11,6 +11,8 @@ otherwise drop it. Methods:
 * ``subpixel``  ``ops.conv_transpose(..., impl="subpixel")``  (phase decomposition + custom VJP)
 * ``phase``     ``ops.conv_transpose(..., impl="phase")``  (all phases as one im2col GEMM
                 + custom VJP whose backward is two GEMMs)
+* ``zero_insertion``  ``ops.conv_transpose(..., impl="zero_insertion")`` (explicit zero
+                insertion by lax.pad, one stride-1 conv + the "lax" custom VJP)
 * ``autodiff``  ``ops.conv_transpose_autodiff``: plain lax.conv_transpose, JAX's own autodiff
                 (the baseline; ratios are time / autodiff time, measured in the same run)
 * ``vjp_conv``  the transposed conv defined as ``jax.vjp`` of ``ops.conv`` w.r.t. its input,
@@ -66,7 +68,7 @@ import numpy as np
 
 from cae import ops
 
-JAX_METHODS = ("auto", "lax", "subpixel", "phase", "autodiff", "vjp_conv")
+JAX_METHODS = ("auto", "lax", "subpixel", "phase", "zero_insertion", "autodiff", "vjp_conv")
 ALL_METHODS = (*JAX_METHODS, "torch")
 BASELINE = "autodiff"
 

@@ -8,7 +8,7 @@ What is tested, against what (every check compares computed numbers; nothing is 
 1. Adjoint identity ``<C x, y> == <x, C^T y>`` on 30 seeded geometries that cover every
    (kernel 1-5, stride 1-3, output_padding in [0, stride)) combination on each spatial axis,
    random asymmetric paddings in 0..k-1, channels 1-6, batch 1-3, non-square images; both
-   implementations (``ops.IMPLEMENTATIONS``: "lax", "subpixel" and "phase").
+   implementations (``ops.IMPLEMENTATIONS``: "lax", "subpixel", "phase", "zero_insertion").
 2. ``conv_transpose`` equals three references written here from first principles: (a) zero
    insertion + "full" padding + stride-1 ``ops.conv`` with the 180-degree-rotated, I/O-swapped
    kernel, (b) ``C^T vec(y)`` with the dense matrix ``C`` built entry by entry in NumPy,
@@ -36,6 +36,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -641,7 +643,7 @@ def test_grad_jaxpr_has_no_zero_insertion_in_backward(impl):
         lambda y, k: grad_ct(y, k, g, **case.kw(), impl=impl))(y, kernel).jaxpr
     eqns = _conv_eqns(jaxpr)
     dilated = [e for e in eqns if tuple(e.params["lhs_dilation"]) != (1, 1)]
-    want = {"lax": 1, "subpixel": 0, "phase": 0, None: 2}[impl]
+    want = {"lax": 1, "subpixel": 0, "phase": 0, "zero_insertion": 0, None: 2}[impl]
     assert len(dilated) == want, [e.params for e in eqns]
 
 
@@ -783,7 +785,7 @@ ERROR_CASES = [
     ("ct_padding_too_large", lambda: ops.conv_transpose(_Y, _K, 1, 4),
      r"conv_transpose output H would be -2 < 1 .*reduce the padding"),
     ("unknown_impl", lambda: ops.conv_transpose(_Y, _K, 1, 1, impl="fft"),
-     r"impl='fft': allowed are \['auto', 'lax', 'phase', 'subpixel'\]"),
+     r"impl='fft': allowed are \['auto', 'lax', 'phase', 'subpixel', 'zero_insertion'\]"),
 ]
 
 
@@ -911,8 +913,8 @@ def test_auto_impl_is_the_chosen_impl_exactly():
     assert ops.DEFAULT_IMPL == "auto"
     assert ops.choose_impl((3, 3, 32, 64), 2) == "subpixel"   # the default decoder's dec2
     assert ops.choose_impl((3, 3, 64, 16), (2, 2)) == "subpixel"
-    assert ops.choose_impl((3, 3, 1, 32), 2) == "lax"         # C_in = 1: the last layer
-    assert ops.choose_impl((3, 3, 32, 64), 1) == "lax"        # stride 1: no zeros to avoid
+    assert ops.choose_impl((3, 3, 1, 32), 2) == "zero_insertion"   # C_in = 1: the last layer
+    assert ops.choose_impl((3, 3, 32, 64), 1) == "zero_insertion"  # stride 1: no zeros to avoid
     rng = np.random.default_rng(3)
     for k_shape, y_shape, op in [((3, 3, 16, 8), (2, 4, 4, 8), 1), ((3, 3, 1, 8), (2, 4, 4, 8), 1),
                                  ((4, 4, 8, 4), (1, 5, 3, 4), 0)]:
@@ -925,6 +927,35 @@ def test_auto_impl_is_the_chosen_impl_exactly():
             np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     with pytest.raises(ValueError, match="'auto'"):
         ops.conv_transpose(y, kernel, 2, 1, 0, impl="fast")
+
+
+# A geometry on which XLA:CPU (jaxlib 0.10.2) aborts the process compiling lax.conv_transpose
+# (algebraic_simplifier CHECK failure). Run in a child process: an abort must fail this test, not
+# kill the test session.
+_ABORT_CASE = """
+import jax, jax.numpy as jnp, numpy as np
+from cae import ops
+rng = np.random.default_rng(0)
+y = jnp.asarray(rng.standard_normal((2, 5, 3, 3)), jnp.float32)
+k = jnp.asarray(rng.standard_normal((2, 4, 2, 3)), jnp.float32)
+args = ((2, 3), ((1, 1), (3, 0)), (0, 2))
+ref = ops.conv_transpose(y, k, *args, impl="subpixel")
+g = jnp.asarray(rng.standard_normal(ref.shape), jnp.float32)
+for impl in ("auto", "zero_insertion"):
+    np.testing.assert_allclose(ops.conv_transpose(y, k, *args, impl=impl), ref, atol=1e-5)
+    np.testing.assert_allclose(jax.grad(lambda k: jnp.sum(ops.conv_transpose(
+        y, k, *args, impl=impl) * g))(k), jax.grad(lambda k: jnp.sum(ops.conv_transpose(
+        y, k, *args, impl="subpixel") * g))(k), rtol=1e-5, atol=1e-4)
+x = jnp.asarray(rng.standard_normal((2, 8, 9, 2)), jnp.float32)  # conv's input cotangent too
+jax.grad(lambda x: jnp.sum(ops.conv(x, k, (2, 3), ((1, 1), (3, 0))) ** 2))(x)
+print("ok")
+"""
+
+
+def test_default_impl_compiles_where_lax_conv_transpose_aborts():
+    proc = subprocess.run([sys.executable, "-c", _ABORT_CASE], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
 
 
 @pytest.mark.parametrize("shape", [(128, 14, 14, 32), (3, 5, 7, 3), (13, 1, 1, 300), (2, 64)])
