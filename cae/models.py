@@ -87,8 +87,9 @@ class ConvAutoencoder(nn.Module):
     """Encoder of ``len(features)`` strided convs, decoder of their transposes, output logits.
 
     x: [N, H, W, C] in [0, 1] -> logits [N, H, W, C] (``sigmoid`` gives the reconstruction).
-    ``kernel_size``, ``strides``, ``padding``: one entry per layer. No activation on the code
-    (the last encoder layer's output) nor on the logits; ``activation`` everywhere in between.
+    ``kernel_size``, ``strides``, ``padding``: one entry per layer. ``activation`` between layers,
+    ``code_activation`` on the code (the last encoder layer's output; "none": linear in the last
+    conv), none on the logits.
 
     ``encode`` (x -> code [N, h, w, features[-1]]) and ``decode`` (code -> logits) are the two
     halves, e.g. ``model.apply(variables, x, method="encode")``; ``__call__`` is exactly
@@ -112,7 +113,7 @@ class ConvAutoencoder(nn.Module):
         return self._run(x, encode=True, decode=True)
 
     def encode(self, x: jax.Array) -> jax.Array:
-        """x: [N, H, W, C] -> code [N, h, w, features[-1]] (linear in the last conv)."""
+        """x: [N, H, W, C] -> code [N, h, w, features[-1]] (after ``code_activation``)."""
         return self._run(x, encode=True, decode=False)
 
     def decode(self, code: jax.Array) -> jax.Array:

@@ -4,12 +4,12 @@ A multinomial logistic regression is fitted on the codes of the train split and 
 codes of the test split. The autoencoder never sees a label, so this measures what unsupervised
 training put into the code; it is the usual "representation quality" figure.
 
-The codes are standardised with the train split's mean and standard deviation (the code is
-linear in the last conv, so its units have very different scales, which a first-order or
-quasi-Newton solver converges slowly on). The fit minimises mean cross-entropy plus
-``l2 / 2 * |W|^2`` with full-batch L-BFGS (``optax.lbfgs``, zoom line search) inside one
-``jit``-compiled ``lax.scan``; the objective is strictly convex, so the result does not depend on
-the start point and is a deterministic function of the codes.
+The codes are standardised with the train split's mean and standard deviation (a code's units
+have very different scales, which a first-order or quasi-Newton solver converges slowly on).
+The fit minimises mean cross-entropy plus ``l2 / 2 * |W|^2`` with full-batch L-BFGS
+(``optax.lbfgs``, zoom line search) inside one ``jit``-compiled ``lax.scan``; the objective is
+strictly convex, so the result does not depend on the start point and is a deterministic
+function of the codes.
 """
 
 from __future__ import annotations
