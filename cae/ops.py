@@ -414,13 +414,12 @@ def _conv_transpose_zero_insertion_fwd_only(y, kernel, strides, pads, op):
     return out.astype(jnp.result_type(y, kernel))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _conv_transpose_lax(y, kernel, strides, pads, op):
-    return _conv_transpose_lax_fwd_only(y, kernel, strides, pads, op)
-
-
-def _conv_transpose_fwd(y, kernel, strides, pads, op):
-    return _conv_transpose_lax_fwd_only(y, kernel, strides, pads, op), (y, kernel)
+def _with_vjp(forward, backward):
+    """``forward(y, kernel, strides, pads, op)`` as a ``jax.custom_vjp`` (strides, pads, op static)
+    that keeps ``(y, kernel)`` for ``backward(strides, pads, op, (y, kernel), g)``."""
+    fn = jax.custom_vjp(forward, nondiff_argnums=(2, 3, 4))
+    fn.defvjp(lambda y, kernel, *geometry: (forward(y, kernel, *geometry), (y, kernel)), backward)
+    return fn
 
 
 def _conv_transpose_bwd(strides, pads, op, res, g):
@@ -432,7 +431,11 @@ def _conv_transpose_bwd(strides, pads, op, res, g):
     return g_y, g_k
 
 
-_conv_transpose_lax.defvjp(_conv_transpose_fwd, _conv_transpose_bwd)
+# The backward pass is the same math whatever computed the forward: every impl but "phase"
+# shares it.
+_conv_transpose_lax = _with_vjp(_conv_transpose_lax_fwd_only, _conv_transpose_bwd)
+_conv_transpose_zero_insertion = _with_vjp(_conv_transpose_zero_insertion_fwd_only,
+                                           _conv_transpose_bwd)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -501,29 +504,7 @@ def _conv_transpose_subpixel_fwd_only(y, kernel, strides, pads, op):
     return z[:, :out_h, :out_w]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _conv_transpose_subpixel(y, kernel, strides, pads, op):
-    return _conv_transpose_subpixel_fwd_only(y, kernel, strides, pads, op)
-
-
-def _conv_transpose_subpixel_fwd(y, kernel, strides, pads, op):
-    return _conv_transpose_subpixel_fwd_only(y, kernel, strides, pads, op), (y, kernel)
-
-
-# The backward pass is the same math whatever computed the forward: reuse it.
-_conv_transpose_subpixel.defvjp(_conv_transpose_subpixel_fwd, _conv_transpose_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _conv_transpose_zero_insertion(y, kernel, strides, pads, op):
-    return _conv_transpose_zero_insertion_fwd_only(y, kernel, strides, pads, op)
-
-
-def _conv_transpose_zero_insertion_fwd(y, kernel, strides, pads, op):
-    return _conv_transpose_zero_insertion_fwd_only(y, kernel, strides, pads, op), (y, kernel)
-
-
-_conv_transpose_zero_insertion.defvjp(_conv_transpose_zero_insertion_fwd, _conv_transpose_bwd)
+_conv_transpose_subpixel = _with_vjp(_conv_transpose_subpixel_fwd_only, _conv_transpose_bwd)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -638,15 +619,6 @@ def _conv_transpose_phase_fwd_only(y, kernel, strides, pads, op):
     return _phase_interleave(z.astype(dtype), ph, pw, kernel.shape[2], out_h, out_w)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _conv_transpose_phase(y, kernel, strides, pads, op):
-    return _conv_transpose_phase_fwd_only(y, kernel, strides, pads, op)
-
-
-def _conv_transpose_phase_fwd(y, kernel, strides, pads, op):
-    return _conv_transpose_phase_fwd_only(y, kernel, strides, pads, op), (y, kernel)
-
-
 def _conv_transpose_phase_bwd(strides, pads, op, res, g):
     """Adjoint of each linear step of the forward, written out: g -> g_z (space-to-depth, the
     transpose of the interleave); g_Kc = patches(ypad)^T g_z (one GEMM contracting N*U_h*U_w);
@@ -675,7 +647,7 @@ def _conv_transpose_phase_bwd(strides, pads, op, res, g):
     return g_y, g_k
 
 
-_conv_transpose_phase.defvjp(_conv_transpose_phase_fwd, _conv_transpose_phase_bwd)
+_conv_transpose_phase = _with_vjp(_conv_transpose_phase_fwd_only, _conv_transpose_phase_bwd)
 
 
 IMPLEMENTATIONS = {"lax": _conv_transpose_lax, "subpixel": _conv_transpose_subpixel,
