@@ -40,9 +40,13 @@ with XLA's default options instead. Each method's gradients are checked against 
 before timing. Timing: warm-up calls
 (compile), then ``--reps`` rounds; in each round every method runs once (interleaved, so machine
 noise hits all alike), each call ``jax.block_until_ready``'d; the figure is the median.
+With torch, a second table gives each JAX method's time / torch's time *paired by round* (both
+measured back to back, so a slow spell of the machine hits both): the median ratio and its
+interquartile range over the rounds. On a shared 2-vCPU VM (steal time) single medians drift by
++-20 % between runs; the paired ratio is the figure to compare against 1.0.
 
 Usage: ``python3 scripts/bench_ops.py [--batch 128] [--reps 30] [--impls lax,subpixel,phase,...]
-[--no-torch] [--json PATH]``
+[--problems large,decoder,...] [--no-torch] [--json PATH]``
 """
 
 from __future__ import annotations
@@ -251,6 +255,17 @@ def bench(name, layers, methods, reps, torch, xla_default=False):
     return {m: statistics.median(v) for m, v in times.items()}, times
 
 
+def quartiles(values):
+    """(25th, 50th, 75th) percentiles of a list of numbers."""
+    q1, q2, q3 = np.percentile(np.asarray(values, np.float64), [25, 50, 75])
+    return float(q1), float(q2), float(q3)
+
+
+def paired_ratios(raw, method, reference="torch"):
+    """Per-round time ratios ``method / reference`` (same round, run back to back)."""
+    return [a / b for a, b in zip(raw[method], raw[reference])]
+
+
 def cpu_model():
     try:
         with open("/proc/cpuinfo") as f:
@@ -269,6 +284,9 @@ def main(argv=None):
     ap.add_argument("--impls", default=",".join(ALL_METHODS),
                     help=f"comma-separated subset of {','.join(ALL_METHODS)}; "
                          f"'{BASELINE}' is always run (ratios are relative to it)")
+    ap.add_argument("--problems", default=None,
+                    help="comma-separated subset of the problems (layers and decoder steps) to "
+                         "time; default: all")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     ap.add_argument("--xla-default", action="store_true",
@@ -323,6 +341,15 @@ def main(argv=None):
     layers, steps = problems(args.batch)
     cases = [(name, [lay]) for name, lay in layers.items()]
     cases += [(name, [layers[n] for n in names]) for name, names in steps.items()]
+    if args.problems is not None:
+        wanted = [p.strip() for p in args.problems.split(",") if p.strip()]
+        known = [name for name, _ in cases]
+        bad = sorted(set(wanted) - set(known))
+        if bad or not wanted:
+            ap.error(f"--problems {args.problems!r}: unknown {bad}; allowed: {', '.join(known)}")
+        cases = [(name, lays) for name, lays in cases if name in wanted]
+        steps = {name: names for name, names in steps.items()
+                 if name in wanted and all(n in wanted for n in names)}
     results = []
     header = f"{'problem':<12}" + "".join(f"{m:>22}" for m in methods)
     print(header)
@@ -338,12 +365,24 @@ def main(argv=None):
             "ratio_vs_autodiff": {m: med[m] / base for m in methods},
             "all_ms": raw,
         })
+        if "torch" in methods:
+            results[-1]["paired_ratio_vs_torch_quartiles"] = {
+                m: quartiles(paired_ratios(raw, m)) for m in methods if m != "torch"}
     sums = {}
     for name, names in steps.items():  # each decoder step against the sum of its layers alone
         sums[name] = {m: sum(r["median_ms"][m] for r in results if r["problem"] in names)
                       for m in methods}
         print(f"{name + ' sum':<12}" + "".join(
             cell(sums[name][m], sums[name][m] / sums[name][BASELINE]) for m in methods))
+    if "torch" in methods:
+        jax_methods = [m for m in methods if m != "torch"]
+        print(f"# time / torch time, paired by round: median [25th-75th percentile] "
+              f"of {args.reps} rounds")
+        print(f"{'problem':<12}" + "".join(f"{m:>22}" for m in jax_methods))
+        for r in results:
+            q = r["paired_ratio_vs_torch_quartiles"]
+            print(f"{r['problem']:<12}" + "".join(
+                f"{f'{q[m][1]:.2f}x [{q[m][0]:.2f}-{q[m][2]:.2f}]':>22}" for m in jax_methods))
     for name, layers in cases:
         print(f"#   {name}: " + "; ".join(describe(lay) for lay in layers))
     if args.json:

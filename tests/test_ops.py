@@ -524,6 +524,30 @@ def test_grads_match_autodiff_and_references(case, impl):
                  err_msg="d/dK vs NumPy")
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_grads_of_a_wide_two_layer_decoder_match_autodiff(impl):
+    """relu between two conv_transposes with >= 8 channels: the case where the backward
+    materialises the activation before its kernel cotangent (ops._unfused, CPU) - the small
+    geometry cases above are too thin to take that path. y: [3, 4, 4, 16] -> 7x7x8 -> 14x14x1."""
+    rng = np.random.default_rng(7)
+    y = jnp.asarray(rng.standard_normal((3, 4, 4, 16)), jnp.float32)
+    k1 = jnp.asarray(rng.standard_normal((3, 3, 8, 16)) / 12, jnp.float32)
+    k2 = jnp.asarray(rng.standard_normal((3, 3, 1, 8)) / 8, jnp.float32)
+    g = jnp.asarray(rng.standard_normal((3, 14, 14, 1)), jnp.float32)
+
+    def loss(y, k1, k2, impl):
+        if impl is None:
+            h = jax.nn.relu(ops.conv_transpose_autodiff(y, k1, 2, 1, 0))
+            return jnp.sum(ops.conv_transpose_autodiff(h, k2, 2, 1, 1) * g)
+        h = jax.nn.relu(ops.conv_transpose(y, k1, 2, 1, 0, impl=impl))
+        return jnp.sum(ops.conv_transpose(h, k2, 2, 1, 1, impl=impl) * g)
+
+    got = jax.jit(jax.grad(loss, (0, 1, 2)), static_argnums=3)(y, k1, k2, impl)
+    want = jax.jit(jax.grad(loss, (0, 1, 2)), static_argnums=3)(y, k1, k2, None)
+    for a, b, name in zip(got, want, ("y", "K1", "K2")):
+        assert_close(a, b, rtol=1e-4, atol=1e-5, err_msg=f"d/d{name}")
+
+
 @pytest.mark.parametrize("case", case_params(GRAD_CASES))
 def test_conv_grads_match_lax_autodiff_and_references(case):
     """d sum(conv(x, K) * y) / d(x, K): ops.conv's custom VJP (conv_transpose + a

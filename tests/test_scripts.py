@@ -30,6 +30,34 @@ def test_bench_ops_runs_and_checks_every_impl():
     assert len(sums) == 2 and all(line.count(" ms (") == 5 for line in sums)
 
 
+def test_bench_ops_problems_subset_and_paired_ratios():
+    torch_present = subprocess.run([PYTHON, "-c", "import torch"],
+                                   capture_output=True).returncode == 0
+    impls = "auto,autodiff,torch" if torch_present else "auto,autodiff"
+    out = _run(["scripts/bench_ops.py", "--batch", "8", "--reps", "3", "--impls", impls,
+                "--problems", "dec3,large"])
+    rows = [line.split()[0] for line in out.splitlines()
+            if line.split()[:1] and line.split()[0] in {"wide2", "dec1", "dec2", "dec3", "large",
+                                                        "decoder", "decoder_bn"}]
+    if torch_present:  # the main table, then the paired table: each problem twice
+        assert rows == ["dec3", "large", "dec3", "large"], out
+        table = out.split("paired by round", 1)[1]
+        paired = re.findall(r"([0-9.]+)x \[([0-9.]+)-([0-9.]+)\]", table)
+        assert len(paired) == 4  # two problems x (autodiff, auto)
+        assert all(float(lo) <= float(med) <= float(hi) for med, lo, hi in paired)
+    else:
+        assert rows == ["dec3", "large"], out
+    assert "decoder sum" not in out  # a step is summed only when all its layers were timed
+
+
+def test_bench_ops_rejects_unknown_problem():
+    proc = subprocess.run([PYTHON, "scripts/bench_ops.py", "--problems", "large,nope"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "unknown ['nope']; allowed: wide2, dec1, dec2, dec3, large, decoder" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 @pytest.mark.slow
 def test_bench_training_runs(subprocess_env):
     out = _run(["scripts/bench.py", "--steps", "3", "--rounds", "1", "--no-torch",
