@@ -50,7 +50,8 @@ class ModelConfig:
     activation: Literal[ACTIVATIONS] = "relu"
     # On the code (the last encoder layer's output): "none" keeps it linear in the last conv.
     code_activation: Literal[("none", *ACTIVATIONS)] = "none"
-    conv_transpose_impl: Literal["auto", "lax", "subpixel", "phase", "zero_insertion"] = "auto"
+    conv_transpose_impl: Literal["auto", "lax", "subpixel", "subpixel_phasewise", "phase",
+                                 "zero_insertion"] = "auto"
 
 
 @dataclasses.dataclass

@@ -48,6 +48,8 @@ Implementations of ``conv_transpose``
 -------------------------------------
 ``"lax"``: ``jax.lax.conv_transpose`` (zero insertion via ``lhs_dilation``) with a custom VJP.
 ``"subpixel"``: the phase decomposition, with the same custom VJP.
+``"subpixel_phasewise"``: the same forward, differentiated phase by phase (each phase's
+stride-1 conv has its own custom VJP; the backward is s*s stride-1 convs, never a strided one).
 ``"phase"``: all phases as one im2col matmul, with a matmul VJP (kept for comparison).
 ``"zero_insertion"``: the gather recipe written out (``lax.pad`` with interior padding, then a
 stride-1 conv), with the same custom VJP as "lax"; compiles where ``lax.conv_transpose`` makes
@@ -326,22 +328,40 @@ def _conv_fwd(x, kernel, strides, pads):
     return _conv_explicit(x, kernel, strides, pads), (x, kernel)
 
 
-def _conv_bwd(strides, pads, res, g):
+def _conv_cotangents(strides, pads, x, kernel, g, x_for_kernel):
     """The input cotangent is C^T g (the transposed conv, with the output padding that gives
-    back x's size); the kernel cotangent is the correlation of x with g. Same values as JAX's
-    autodiff of ``lax.conv_general_dilated``, but in a layout that stays fast inside
-    ``lax.scan`` on CPU (see ``_kernel_cotangent``)."""
-    x, kernel = res
+    back x's size); the kernel cotangent is the correlation of ``x_for_kernel`` (x's value)
+    with g. Same values as JAX's autodiff of ``lax.conv_general_dilated``, but in a layout that
+    stays fast inside ``lax.scan`` on CPU (see ``_kernel_cotangent``)."""
     khw = _kernel_hw(kernel)
     op = output_padding_for(x.shape[1:3], khw, strides, pads)  # rows no output window reached
     # C^T g by whichever form is fastest for this shape (as for conv_transpose's default).
     c_transpose = _FORWARD_ONLY[choose_impl(kernel.shape, strides)]
     g_x = c_transpose(g, kernel, strides, pads, op).astype(x.dtype)
-    g_k = _kernel_cotangent(_unfused(x), g, khw, strides, pads, kernel.dtype)
+    g_k = _kernel_cotangent(x_for_kernel, g, khw, strides, pads, kernel.dtype)
     return g_x, g_k
 
 
+def _conv_bwd(strides, pads, res, g):
+    x, kernel = res
+    return _conv_cotangents(strides, pads, x, kernel, g, _unfused(x))
+
+
 _conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _phase_conv(y, sub_kernel, pads: tuple[Pair, Pair]):
+    """One phase of the sub-pixel form: a stride-1 ``_conv`` whose backward skips
+    ``_unfused`` (its input is a slice of the layer's y, and four identity convs per layer cost
+    more than they save: BENCHMARKS.md, issue 6)."""
+    return _conv_explicit(y, sub_kernel, (1, 1), pads)
+
+
+_phase_conv.defvjp(
+    lambda y, sub_kernel, pads: (_conv_explicit(y, sub_kernel, (1, 1), pads), (y, sub_kernel)),
+    lambda pads, res, g: _conv_cotangents((1, 1), pads, *res, g, res[0]),
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -469,8 +489,9 @@ def _subpixel_axis_plan(k: int, s: int, lo: int, n_in: int, n_out: int):
     return plan
 
 
-def _conv_transpose_subpixel_fwd_only(y, kernel, strides, pads, op):
-    """C^T y as s_h*s_w stride-1 convs of the undilated y, interleaved (depth-to-space)."""
+def _subpixel(y, kernel, strides, pads, op, phase_conv):
+    """C^T y as s_h*s_w stride-1 convs ``phase_conv(y_crop, sub_kernel, pads)`` of the
+    undilated y, interleaved (depth-to-space)."""
     n, h, w, _ = y.shape
     kh, kw, c_in, _ = kernel.shape
     sh, sw = strides
@@ -478,7 +499,6 @@ def _conv_transpose_subpixel_fwd_only(y, kernel, strides, pads, op):
     out_w = conv_transpose_output_size(w, kw, sw, pads[1], op[1])
     plan_h = _subpixel_axis_plan(kh, sh, pads[0][0], h, out_h)
     plan_w = _subpixel_axis_plan(kw, sw, pads[1][0], w, out_w)
-    acc = _accum_type(y, kernel)
     dtype = jnp.result_type(y, kernel)
     # Phases share a common q-grid: pad every phase's output to the max count, then interleave.
     q_h = -(-out_h // sh)
@@ -495,11 +515,8 @@ def _conv_transpose_subpixel_fwd_only(y, kernel, strides, pads, op):
             # Negative pads mean "drop those rows of y": slice rather than pass negative
             # padding to XLA (its CPU conv mis-handled that for C_out > 1 in our tests).
             yy = y[:, max(-bh, 0):h - max(-ah, 0), max(-bw, 0):w - max(-aw, 0)]
-            part = lax.conv_general_dilated(
-                yy, sub, window_strides=(1, 1),
-                padding=[(max(bh, 0), max(ah, 0)), (max(bw, 0), max(aw, 0))],
-                dimension_numbers=_DN, preferred_element_type=acc,
-            ).astype(dtype)
+            part = phase_conv(yy, sub, ((max(bh, 0), max(ah, 0)), (max(bw, 0), max(aw, 0))))
+            part = part.astype(dtype)
             part = jnp.pad(part, ((0, 0), (0, q_h - nqh), (0, q_w - nqw), (0, 0)))
             cols.append(part)
         rows.append(jnp.stack(cols, axis=3))  # [N, q_h, q_w, sw, C]
@@ -508,7 +525,23 @@ def _conv_transpose_subpixel_fwd_only(y, kernel, strides, pads, op):
     return z[:, :out_h, :out_w]
 
 
+def _conv_transpose_subpixel_fwd_only(y, kernel, strides, pads, op):
+    return _subpixel(y, kernel, strides, pads, op,
+                     lambda yy, sub, p: _conv_explicit(yy, sub, (1, 1), p))
+
+
 _conv_transpose_subpixel = _with_vjp(_conv_transpose_subpixel_fwd_only, _conv_transpose_bwd)
+
+
+def _conv_transpose_subpixel_phasewise(y, kernel, strides, pads, op):
+    """The sub-pixel form differentiated phase by phase: every operation in it is linear and
+    each phase conv has the canonical-layout custom VJP (``_phase_conv``), so JAX's autodiff of
+    it *is* the adjoint of each phase, summed: the input cotangent is s_h*s_w stride-1 convs of
+    g's phase sub-images (not one strided conv over the full g) and the kernel cotangent s_h*s_w
+    stride-1 backward-filter convs, each filling its own phase's taps. Faster than the shared
+    backward where the stride divides the kernel (every phase has the same taps: k=4, s=2),
+    slower in the default model's k=3 training step (BENCHMARKS.md, issue 6)."""
+    return _subpixel(y, kernel, strides, pads, op, _phase_conv)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -655,9 +688,11 @@ _conv_transpose_phase = _with_vjp(_conv_transpose_phase_fwd_only, _conv_transpos
 
 
 IMPLEMENTATIONS = {"lax": _conv_transpose_lax, "subpixel": _conv_transpose_subpixel,
+                   "subpixel_phasewise": _conv_transpose_subpixel_phasewise,
                    "phase": _conv_transpose_phase,
                    "zero_insertion": _conv_transpose_zero_insertion}
 _FORWARD_ONLY = {"lax": _conv_transpose_lax_fwd_only, "subpixel": _conv_transpose_subpixel_fwd_only,
+                 "subpixel_phasewise": _conv_transpose_subpixel_fwd_only,
                  "phase": _conv_transpose_phase_fwd_only,
                  "zero_insertion": _conv_transpose_zero_insertion_fwd_only}  # without custom VJP
 AUTO = "auto"  # choose_impl per layer shape, at trace time
@@ -673,12 +708,16 @@ _SUBPIXEL_MIN_CHANNELS = 8
 
 def choose_impl(kernel_shape: Sequence[int], strides=1) -> str:
     """The implementation ``impl="auto"`` (the default) uses for a kernel [kh, kw, C_in, C_out]
-    and strides: "subpixel" for strided layers with at least 8 output channels (C_in), else
-    "zero_insertion" (with stride 1 there are no zeros to avoid and both are one convolution).
-    Never "lax": ``lax.conv_transpose`` aborts XLA:CPU for some geometries (see
-    ``_conv_transpose_zero_insertion_fwd_only``), and the explicit form is as fast."""
+    and strides: for strided layers with at least 8 output channels (C_in) the sub-pixel form,
+    "subpixel_phasewise" where each stride divides its kernel size (k=4, s=2) and "subpixel"
+    otherwise (k=3, s=2: the default model); else "zero_insertion" (with stride 1 there are no
+    zeros to avoid and both are one convolution). Never "lax": ``lax.conv_transpose`` aborts
+    XLA:CPU for some geometries (see ``_conv_transpose_zero_insertion_fwd_only``), and the
+    explicit form is as fast."""
     s = _strides(strides)
     if max(s) > 1 and kernel_shape[2] >= _SUBPIXEL_MIN_CHANNELS:
+        if all(k % st == 0 for k, st in zip(kernel_shape[:2], s)):
+            return "subpixel_phasewise"
         return "subpixel"
     return "zero_insertion"
 

@@ -9,6 +9,8 @@ otherwise drop it. Methods:
 * ``auto``      ``ops.conv_transpose(...)``, the default: ``ops.choose_impl`` per layer
 * ``lax``       ``ops.conv_transpose(..., impl="lax")``  (lax.conv_transpose + custom VJP)
 * ``subpixel``  ``ops.conv_transpose(..., impl="subpixel")``  (phase decomposition + custom VJP)
+* ``subpixel_phasewise``  the same forward, differentiated phase by phase (s*s stride-1 convs
+                in the backward; ``auto``'s pick where the stride divides the kernel)
 * ``phase``     ``ops.conv_transpose(..., impl="phase")``  (all phases as one im2col GEMM
                 + custom VJP whose backward is two GEMMs)
 * ``zero_insertion``  ``ops.conv_transpose(..., impl="zero_insertion")`` (explicit zero
@@ -72,7 +74,8 @@ import numpy as np
 
 from cae import ops
 
-JAX_METHODS = ("auto", "lax", "subpixel", "phase", "zero_insertion", "autodiff", "vjp_conv")
+JAX_METHODS = ("auto", "lax", "subpixel", "subpixel_phasewise", "phase", "zero_insertion",
+               "autodiff", "vjp_conv")
 ALL_METHODS = (*JAX_METHODS, "torch")
 BASELINE = "autodiff"
 

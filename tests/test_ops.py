@@ -8,7 +8,8 @@ What is tested, against what (every check compares computed numbers; nothing is 
 1. Adjoint identity ``<C x, y> == <x, C^T y>`` on 30 seeded geometries that cover every
    (kernel 1-5, stride 1-3, output_padding in [0, stride)) combination on each spatial axis,
    random asymmetric paddings in 0..k-1, channels 1-6, batch 1-3, non-square images; both
-   implementations (``ops.IMPLEMENTATIONS``: "lax", "subpixel", "phase", "zero_insertion").
+   implementations (``ops.IMPLEMENTATIONS``: "lax", "subpixel", "subpixel_phasewise", "phase",
+   "zero_insertion").
 2. ``conv_transpose`` equals three references written here from first principles: (a) zero
    insertion + "full" padding + stride-1 ``ops.conv`` with the 180-degree-rotated, I/O-swapped
    kernel, (b) ``C^T vec(y)`` with the dense matrix ``C`` built entry by entry in NumPy,
@@ -611,7 +612,9 @@ def test_check_grads_second_order(case, impl):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_custom_backward_is_the_one_used(monkeypatch, impl):
     """Replace the custom_vjp's ``.bwd`` (read at call time in jax 0.10.2) by a wrapper that
-    counts calls and scales the cotangents by (2, 3): jax.grad must change accordingly."""
+    counts calls and scales the cotangents by (2, 3): jax.grad must change accordingly.
+    "subpixel_phasewise" is differentiated phase by phase: its custom VJP is each phase conv's
+    (4 phases here, each scaled: the sum of the phases' cotangents scales alike)."""
     case = make_case((3, 3), (2, 2), ((1, 1), (1, 1)), (1, 1), (3, 4))
     _, y, kernel, g = case.arrays()
 
@@ -619,7 +622,8 @@ def test_custom_backward_is_the_one_used(monkeypatch, impl):
         return jnp.sum(ops.conv_transpose(y, k, **case.kw(), impl=impl) * g)
 
     want_y, want_k = jax.grad(loss, (0, 1))(y, kernel)
-    fn = ops.IMPLEMENTATIONS[impl]
+    fn, per_grad = ((ops._phase_conv, 4) if impl == "subpixel_phasewise"
+                    else (ops.IMPLEMENTATIONS[impl], 1))
     original = fn.bwd
     calls = []
 
@@ -630,16 +634,16 @@ def test_custom_backward_is_the_one_used(monkeypatch, impl):
 
     monkeypatch.setattr(fn, "bwd", counting_bwd)
     got_y, got_k = jax.grad(loss, (0, 1))(y, kernel)
-    assert len(calls) == 1
+    assert len(calls) == per_grad
     assert_close(got_y, 2 * np.asarray(want_y))
     assert_close(got_k, 3 * np.asarray(want_k))
     # Also inside jit (fresh function, so it is traced with the patched backward).
     got_y, _ = jax.jit(jax.grad(lambda y, k: loss(y, k), (0, 1)))(y, kernel)
-    assert len(calls) == 2
+    assert len(calls) == 2 * per_grad
     assert_close(got_y, 2 * np.asarray(want_y))
     # Autodiff of the baseline never touches it.
     jax.grad(lambda y: jnp.sum(ops.conv_transpose_autodiff(y, kernel, **case.kw()) * g))(y)
-    assert len(calls) == 2
+    assert len(calls) == 2 * per_grad
 
 
 def _conv_eqns(jaxpr, primitives=("conv_general_dilated",)):
@@ -667,7 +671,8 @@ def test_grad_jaxpr_has_no_zero_insertion_in_backward(impl):
         lambda y, k: grad_ct(y, k, g, **case.kw(), impl=impl))(y, kernel).jaxpr
     eqns = _conv_eqns(jaxpr)
     dilated = [e for e in eqns if tuple(e.params["lhs_dilation"]) != (1, 1)]
-    want = {"lax": 1, "subpixel": 0, "phase": 0, "zero_insertion": 0, None: 2}[impl]
+    want = {"lax": 1, "subpixel": 0, "subpixel_phasewise": 0, "phase": 0, "zero_insertion": 0,
+            None: 2}[impl]
     assert len(dilated) == want, [e.params for e in eqns]
 
 
@@ -809,7 +814,8 @@ ERROR_CASES = [
     ("ct_padding_too_large", lambda: ops.conv_transpose(_Y, _K, 1, 4),
      r"conv_transpose output H would be -2 < 1 .*reduce the padding"),
     ("unknown_impl", lambda: ops.conv_transpose(_Y, _K, 1, 1, impl="fft"),
-     r"impl='fft': allowed are \['auto', 'lax', 'phase', 'subpixel', 'zero_insertion'\]"),
+     r"impl='fft': allowed are \['auto', 'lax', 'phase', 'subpixel', 'subpixel_phasewise', "
+     r"'zero_insertion'\]"),
 ]
 
 
@@ -937,6 +943,8 @@ def test_auto_impl_is_the_chosen_impl_exactly():
     assert ops.DEFAULT_IMPL == "auto"
     assert ops.choose_impl((3, 3, 32, 64), 2) == "subpixel"   # the default decoder's dec2
     assert ops.choose_impl((3, 3, 64, 16), (2, 2)) == "subpixel"
+    assert ops.choose_impl((4, 4, 64, 64), 2) == "subpixel_phasewise"  # s divides k
+    assert ops.choose_impl((4, 3, 64, 64), 2) == "subpixel"  # ... along both axes only
     assert ops.choose_impl((3, 3, 1, 32), 2) == "zero_insertion"   # C_in = 1: the last layer
     assert ops.choose_impl((3, 3, 32, 64), 1) == "zero_insertion"  # stride 1: no zeros to avoid
     rng = np.random.default_rng(3)
