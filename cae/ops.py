@@ -302,13 +302,11 @@ def _unfused(x):
 
     Why: a conv layer's input is usually an activation, ``relu(z + b)``, that XLA does not keep
     for the backward pass but recomputes inside whatever consumes it. ``_kernel_cotangent``
-    transposes it (``conv``: [N, H, W, C] -> [C, H, W, N]; ``conv_transpose``: its input y
-    -> [H, W, N, C]); XLA:CPU fuses the recomputation into that
+    transposes it ([N, H, W, C] -> [C, H, W, N]); XLA:CPU fuses the recomputation into that
     transpose and then cannot use its fast tiled transpose: 2.3-3.5 ms instead of ~0.5 ms for the
     [128, 14, 14, 32] activation of the default model. An identity conv (~0.3 ms; XLA never
     fuses an elementwise producer into a convolution's *output*) hands the transpose a
-    materialised array: the training step gets ~1 ms (6 %) faster (BENCHMARKS.md, issue 5), the
-    default decoder's fwd+bwd step (relu between the two conv_transposes) ~12 % (issue 6).
+    materialised array: the training step gets ~1 ms (6 %) faster (BENCHMARKS.md, issue 5).
     Exact for finite x: each output is ``x * 1`` plus zeros (a non-finite entry would spread
     NaN along its pixel's channels; the loss is then non-finite anyway).
     """
@@ -449,9 +447,10 @@ def _conv_transpose_bwd(strides, pads, op, res, g):
     # Cotangent for y: (C^T)^T g = C g, i.e. the forward strided conv of g, same kernel/pads.
     # No zeros are inserted anywhere: this is as cheap as the encoder's own conv.
     g_y = _conv_explicit(g, kernel, strides, pads).astype(y.dtype)
-    # y is usually the previous layer's activation: materialise it before the transpose inside
-    # _kernel_cotangent (see _unfused).
-    g_k = _kernel_cotangent(g, _unfused(y), _kernel_hw(kernel), strides, pads, kernel.dtype)
+    # Not _unfused(y), as ops.conv's backward does for its x: measured in the default training
+    # step (lax.scan), it made the step ~5 % slower although an isolated decoder step got ~12 %
+    # faster (BENCHMARKS.md, issue 6).
+    g_k = _kernel_cotangent(g, y, _kernel_hw(kernel), strides, pads, kernel.dtype)
     return g_y, g_k
 
 

@@ -527,9 +527,9 @@ def test_grads_match_autodiff_and_references(case, impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_grads_of_a_wide_two_layer_decoder_match_autodiff(impl):
-    """relu between two conv_transposes with >= 8 channels: the case where the backward
-    materialises the activation before its kernel cotangent (ops._unfused, CPU) - the small
-    geometry cases above are too thin to take that path. y: [3, 4, 4, 16] -> 7x7x8 -> 14x14x1."""
+    """relu between two conv_transposes with >= 8 channels (the decoder's shape; the geometry
+    cases above are thinner, and "auto" picks "subpixel" only from 8 channels on), gradients
+    w.r.t. y and both kernels. y: [3, 4, 4, 16] -> 7x7x8 -> 14x14x1."""
     rng = np.random.default_rng(7)
     y = jnp.asarray(rng.standard_normal((3, 4, 4, 16)), jnp.float32)
     k1 = jnp.asarray(rng.standard_normal((3, 3, 8, 16)) / 12, jnp.float32)
