@@ -515,7 +515,6 @@ def _subpixel(y, kernel, strides, pads, op, phase_conv):
             # padding to XLA (its CPU conv mis-handled that for C_out > 1 in our tests).
             yy = y[:, max(-bh, 0):h - max(-ah, 0), max(-bw, 0):w - max(-aw, 0)]
             part = phase_conv(yy, sub, ((max(bh, 0), max(ah, 0)), (max(bw, 0), max(aw, 0))))
-            part = part.astype(dtype)
             part = jnp.pad(part, ((0, 0), (0, q_h - nqh), (0, q_w - nqw), (0, 0)))
             cols.append(part)
         rows.append(jnp.stack(cols, axis=3))  # [N, q_h, q_w, sw, C]

@@ -7,8 +7,8 @@ What is tested, against what (every check compares computed numbers; nothing is 
 
 1. Adjoint identity ``<C x, y> == <x, C^T y>`` on 30 seeded geometries that cover every
    (kernel 1-5, stride 1-3, output_padding in [0, stride)) combination on each spatial axis,
-   random asymmetric paddings in 0..k-1, channels 1-6, batch 1-3, non-square images; both
-   implementations (``ops.IMPLEMENTATIONS``: "lax", "subpixel", "subpixel_phasewise", "phase",
+   random asymmetric paddings in 0..k-1, channels 1-6, batch 1-3, non-square images; every
+   implementation (``ops.IMPLEMENTATIONS``: "lax", "subpixel", "subpixel_phasewise", "phase",
    "zero_insertion").
 2. ``conv_transpose`` equals three references written here from first principles: (a) zero
    insertion + "full" padding + stride-1 ``ops.conv`` with the 180-degree-rotated, I/O-swapped
