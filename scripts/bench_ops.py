@@ -41,7 +41,15 @@ instead of YNNPACK's, as ``cae.train`` compiles its programs); ``--xla-default``
 with XLA's default options instead. Each method's gradients are checked against autodiff
 before timing. Timing: warm-up calls
 (compile), then ``--reps`` rounds; in each round every method runs once (interleaved, so machine
-noise hits all alike), each call ``jax.block_until_ready``'d; the figure is the median.
+noise hits all alike), each call ``jax.block_until_ready``'d; the figure is the median. Each
+timed call comes right after an untimed call of the same method, so it runs in the steady state
+of a training loop. Why: after a parallel region both XLA's and torch's worker threads keep
+spinning for a while, and a call right after the *other* library's ran slower (large layer, 2
+vCPUs: torch 39.8 ms right after a JAX call vs 32.6 ms right after itself, JAX 33.2 vs 28.6 ms);
+timed straight after each other, the first method of a round (the baseline) and torch (the
+last) paid that and the methods between them did not, which skewed the paired ratios ~10-20 %
+in JAX's favour. A pause before each call is no cure: torch's dec3 took 29.7 ms after a 50 ms
+sleep vs 15.4 ms back to back.
 With torch, a second table gives each JAX method's time / torch's time *paired by round* (both
 measured back to back, so a slow spell of the machine hits both): the median ratio and its
 interquartile range over the rounds. On a shared 2-vCPU VM (steal time) single medians drift by
@@ -252,6 +260,7 @@ def bench(name, layers, methods, reps, torch, xla_default=False):
     times = {m: [] for m in methods}
     for _ in range(reps):
         for m in methods:
+            thunks[m]()  # untimed lead-in: the timed call follows its own method, not another
             t0 = time.perf_counter()
             thunks[m]()
             times[m].append((time.perf_counter() - t0) * 1e3)
