@@ -134,7 +134,7 @@ def torch_trainer(torch, cfg, params, images: np.ndarray, batch: int, seed: int)
             loss = loss_of(x)
             loss.backward()
             opt.step()
-        return float(loss)
+        return float(loss.detach())
 
     with torch.no_grad():
         first = float(loss_of(data[:batch].float() / 255.0))
