@@ -47,9 +47,10 @@ of a training loop. Why: after a parallel region both XLA's and torch's worker t
 spinning for a while, and a call right after the *other* library's ran slower (large layer, 2
 vCPUs: torch 39.8 ms right after a JAX call vs 32.6 ms right after itself, JAX 33.2 vs 28.6 ms);
 timed straight after each other, the first method of a round (the baseline) and torch (the
-last) paid that and the methods between them did not, which skewed the paired ratios ~10-20 %
-in JAX's favour. A pause before each call is no cure: torch's dec3 took 29.7 ms after a 50 ms
-sleep vs 15.4 ms back to back.
+last) paid that and the methods between them did not, which skewed the paired ratios in JAX's
+favour (the two timings A/B in one session: wide2 0.77x -> 0.85x, dec2 0.77x -> 0.83x, large
+0.93x -> 0.94x torch). A pause before each call is no cure: torch's dec3 took 29.7 ms after a
+50 ms sleep vs 15.4 ms back to back.
 With torch, a second table gives each JAX method's time / torch's time *paired by round* (both
 measured back to back, so a slow spell of the machine hits both): the median ratio and its
 interquartile range over the rounds. On a shared 2-vCPU VM (steal time) single medians drift by
