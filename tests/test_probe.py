@@ -91,6 +91,23 @@ def test_standardize_uses_the_train_statistics_only():
     assert np.all(np.isfinite(z_test))
 
 
+def test_standardize_copy_false_overwrites_float32_train_codes_with_the_same_result():
+    rng = np.random.default_rng(2)
+    train = rng.normal(3.0, 2.0, (3000, 5)).astype(np.float32)  # > one 1024-row chunk
+    test = rng.normal(3.0, 2.0, (10, 5)).astype(np.float32)
+    kept = train.copy()
+    z_train, z_test = probe.standardize(train, test)
+    np.testing.assert_array_equal(train, kept)  # the default leaves its input alone
+    z_in_place, z_test2 = probe.standardize(train, test, copy=False)
+    assert np.shares_memory(z_in_place, train)
+    np.testing.assert_array_equal(z_in_place, z_train)
+    np.testing.assert_array_equal(z_test2, z_test)
+    as_f64 = kept.astype(np.float64)  # not float32: copy=False cannot reuse it, and does not
+    z64, _ = probe.standardize(as_f64, test, copy=False)
+    assert not np.shares_memory(z64, as_f64) and z64.dtype == np.float32
+    np.testing.assert_array_equal(as_f64, kept.astype(np.float64))
+
+
 @pytest.mark.parametrize("rows_per_chunk", [1, 64, 1000, 5000])
 def test_column_stats_by_chunks_equal_float64_numpy(rows_per_chunk):
     """The chunked float64 mean/std equal NumPy's float64 ones for any chunking (1000 rows:
@@ -153,6 +170,28 @@ def test_fit_agrees_with_numpy_gradient_descent_and_accuracy_is_recomputed():
     ref_acc = np.mean(np.argmax(((xte - mean) / std) @ w_ref + b_ref, axis=1) == yte)
     assert acc == pytest.approx(ref_acc, abs=1 / 200)  # at most one borderline point differs
     assert 0.5 < acc < 0.99  # overlapping classes: informative, not trivial
+
+
+def test_objective_gradient_through_the_transposed_copy_equals_autodiff():
+    """The fit's objective takes its w-gradient from a transposed copy of the features
+    (probe._features_times); it must equal JAX's autodiff of the plain ``x @ w`` objective."""
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.standard_normal((50, 7)), jnp.float32)
+    y_onehot = jax.nn.one_hot(jnp.asarray(rng.integers(0, 3, 50)), 3)
+    params = {"w": jnp.asarray(rng.standard_normal((7, 3)), jnp.float32),
+              "b": jnp.asarray(rng.standard_normal(3), jnp.float32)}
+
+    def reference(p):
+        logits = x @ p["w"] + p["b"]
+        return -jnp.mean(jnp.sum(y_onehot * jax.nn.log_softmax(logits), -1)) + 0.5 * 0.1 * jnp.sum(
+            p["w"] ** 2)
+
+    value, grad = jax.value_and_grad(probe._objective)(params, x, probe._transposed(x), y_onehot,
+                                                        0.1)
+    ref_value, ref_grad = jax.value_and_grad(reference)(params)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-6)
+    for key in ("w", "b"):
+        np.testing.assert_allclose(grad[key], ref_grad[key], rtol=1e-5, atol=1e-7)
 
 
 def test_mismatched_codes_and_labels_are_an_error():
