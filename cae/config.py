@@ -50,6 +50,10 @@ class ModelConfig:
     activation: Literal[ACTIVATIONS] = "relu"
     # On the code (the last encoder layer's output): "none" keeps it linear in the last conv.
     code_activation: Literal[("none", *ACTIVATIONS)] = "none"
+    # A fully connected bottleneck after the convs: the code is code_size numbers per image (a
+    # VALID stride-1 conv whose kernel covers the last conv's output map; its transpose is W^T).
+    # null: the code is the last conv's output map, h * w * features[-1] numbers.
+    code_size: int | None = None
     conv_transpose_impl: Literal["auto", "lax", "subpixel", "subpixel_phasewise", "phase",
                                  "zero_insertion"] = "auto"
 
@@ -226,6 +230,9 @@ def validate(cfg: Config) -> None:
     _require(len(m.features) >= 1, "model.features", m.features, "need at least one layer")
     for i, f in enumerate(m.features):
         _require(f >= 1, f"model.features[{i}]", f, "channel counts must be >= 1")
+    _require(m.code_size is None or m.code_size >= 1, "model.code_size", m.code_size,
+             "must be >= 1 (numbers per image in the fully connected code) or null (no such "
+             "layer: the code is the last conv's output map)")
     n = len(m.features)
     for i, k in enumerate(per_layer(m.kernel_size, n, "model.kernel_size")):
         _require(k >= 1, f"model.kernel_size[{i}]" if isinstance(m.kernel_size, list)

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 
 from cae import ops
 
-__all__ = ["ConvAutoencoder", "StridedConv", "TransposedConv", "ACTIVATIONS", "layer_sizes"]
+__all__ = ["ConvAutoencoder", "StridedConv", "TransposedConv", "ACTIVATIONS", "layer_sizes",
+           "code_shape"]
 
 ACTIVATIONS = {
     "relu": nn.relu,
@@ -40,18 +41,23 @@ _decoder_init = nn.initializers.variance_scaling(2.0, "fan_in", "truncated_norma
                                                  in_axis=(0, 1, 3), out_axis=2)
 
 
+def _kernel_hw(kernel_size) -> tuple[int, int]:
+    return ((kernel_size, kernel_size) if isinstance(kernel_size, int)
+            else tuple(int(k) for k in kernel_size))
+
+
 class StridedConv(nn.Module):
     """``y = conv(x, kernel, strides, padding) + bias``. x: [N, H, W, C_in] -> [N, H', W', F]."""
 
     features: int
-    kernel_size: int
+    kernel_size: int | tuple[int, int]  # k (square) or (kh, kw)
     strides: int
     padding: Any  # int or "SAME"/"VALID"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        k = self.kernel_size
-        kernel = self.param("kernel", _encoder_init, (k, k, x.shape[-1], self.features))
+        kernel = self.param("kernel", _encoder_init,
+                            (*_kernel_hw(self.kernel_size), x.shape[-1], self.features))
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
         return ops.add_bias(ops.conv(x, kernel, self.strides, self.padding), bias)
 
@@ -65,7 +71,7 @@ class TransposedConv(nn.Module):
     """
 
     features: int
-    kernel_size: int
+    kernel_size: int | tuple[int, int]  # k (square) or (kh, kw)
     strides: int
     padding: Any
     output_hw: tuple[int, int]
@@ -73,11 +79,11 @@ class TransposedConv(nn.Module):
 
     @nn.compact
     def __call__(self, y: jax.Array, kernel: jax.Array | None = None) -> jax.Array:
-        k = self.kernel_size
+        khw = _kernel_hw(self.kernel_size)
         if kernel is None:
-            kernel = self.param("kernel", _decoder_init, (k, k, self.features, y.shape[-1]))
+            kernel = self.param("kernel", _decoder_init, (*khw, self.features, y.shape[-1]))
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
-        op = ops.output_padding_for(self.output_hw, (k, k), self.strides, self.padding)
+        op = ops.output_padding_for(self.output_hw, khw, self.strides, self.padding)
         x = ops.conv_transpose(y, kernel, self.strides, self.padding, op, impl=self.impl)
         assert x.shape[1:3] == tuple(self.output_hw), (x.shape, self.output_hw)
         return ops.add_bias(x, bias)
@@ -96,6 +102,13 @@ class ConvAutoencoder(nn.Module):
     ``decode(encode(x))``. A code's size does not determine the image size (a stride-s conv maps
     s input sizes to one output size), so ``decode`` needs ``image_shape`` = (H, W, C); ``__call__``
     and ``encode`` read it from their input and, when it is set, check it.
+
+    ``code_size`` (None: no such layer) appends a *fully connected* bottleneck to the encoder: a
+    VALID, stride-1 conv whose kernel covers the last conv's whole output map [h, w, F], giving a
+    code [N, 1, 1, code_size]. A conv that covers its input is a matrix product
+    ``code = flatten(x) @ W`` (W = the kernel reshaped to [h*w*F, code_size]), and its transpose
+    is exactly ``W^T``; ``cae.ops`` runs both as one GEMM. Tied, the decoder's first layer reads
+    the same W.
     """
 
     features: Sequence[int]
@@ -107,6 +120,7 @@ class ConvAutoencoder(nn.Module):
     code_activation: str = "none"
     impl: str = ops.DEFAULT_IMPL
     image_shape: tuple[int, int, int] | None = None
+    code_size: int | None = None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [N, H, W, C] -> logits [N, H, W, C]."""
@@ -124,8 +138,8 @@ class ConvAutoencoder(nn.Module):
     def _run(self, x: jax.Array, *, encode: bool, decode: bool) -> jax.Array:
         # One compact method builds every layer with the same names (encoder_i, decoder_i) and
         # the same parameter tree whichever half runs, so one checkpoint serves all three methods.
-        n = len(self.features)
-        assert n == len(self.kernel_size) == len(self.strides) == len(self.padding)
+        assert len(self.features) == len(self.kernel_size) == len(self.strides) == len(
+            self.padding)
         act = ACTIVATIONS[self.activation]
         if encode:
             image_shape = tuple(x.shape[1:])
@@ -137,10 +151,14 @@ class ConvAutoencoder(nn.Module):
                              "does not determine the image size")
         else:
             image_shape = tuple(self.image_shape)
-        sizes = layer_sizes(image_shape[:2], self.kernel_size, self.strides, self.padding)
-        channels = [image_shape[-1], *self.features[:-1]]  # each encoder layer's input channels
-        encoder = [StridedConv(self.features[i], self.kernel_size[i], self.strides[i],
-                               self.padding[i], name=f"encoder_{i}") for i in range(n)]
+        features, kernel_size, strides, padding = _layer_plan(
+            image_shape, self.features, self.kernel_size, self.strides, self.padding,
+            self.code_size)
+        n = len(features)
+        sizes = layer_sizes(image_shape[:2], kernel_size, strides, padding)
+        channels = [image_shape[-1], *features[:-1]]  # each encoder layer's input channels
+        encoder = [StridedConv(features[i], kernel_size[i], strides[i], padding[i],
+                               name=f"encoder_{i}") for i in range(n)]
         if encode:
             for i, layer in enumerate(encoder):
                 x = layer(x)
@@ -148,40 +166,70 @@ class ConvAutoencoder(nn.Module):
                     x = act(x)
                 elif self.code_activation != "none":
                     x = ACTIVATIONS[self.code_activation](x)
-        elif tuple(x.shape[1:]) != (*sizes[-1], self.features[-1]):
+        elif tuple(x.shape[1:]) != (*sizes[-1], features[-1]):
             raise ValueError(f"code of shape {tuple(x.shape[1:])} does not fit this model: "
-                             f"expected {(*sizes[-1], self.features[-1])}")
+                             f"expected {(*sizes[-1], features[-1])}")
         if not decode:
             return x
         for i in reversed(range(n)):
             # Tied: hand decoder layer i the encoder's kernel leaf itself (not a copy), so its
             # gradient accumulates from both uses.
             kernel = encoder[i].variables["params"]["kernel"] if self.tied else None
-            x = TransposedConv(channels[i], self.kernel_size[i], self.strides[i],
-                               self.padding[i], sizes[i], self.impl, name=f"decoder_{i}")(
+            x = TransposedConv(channels[i], kernel_size[i], strides[i], padding[i], sizes[i],
+                               self.impl, name=f"decoder_{i}")(
                 x, kernel)
             if i > 0:
                 x = act(x)
         return x
 
 
-def layer_sizes(input_hw: Sequence[int], kernel_size: Sequence[int], strides: Sequence[int],
+def _layer_plan(image_shape: Sequence[int], features: Sequence[int], kernel_size: Sequence[Any],
+                strides: Sequence[int], padding: Sequence[Any], code_size: int | None):
+    """The encoder's layers as (features, kernel_size, strides, padding) lists, with the fully
+    connected bottleneck of ``code_size`` appended (kernel = the last conv's output size, VALID,
+    stride 1); unchanged when ``code_size`` is None."""
+    features, kernel_size = list(features), list(kernel_size)
+    strides, padding = list(strides), list(padding)
+    if code_size is not None:
+        last_hw = layer_sizes(image_shape[:2], kernel_size, strides, padding)[-1]
+        features.append(int(code_size))
+        kernel_size.append(tuple(last_hw))
+        strides.append(1)
+        padding.append(0)
+    return features, kernel_size, strides, padding
+
+
+def code_shape(image_shape: Sequence[int], features: Sequence[int], kernel_size: Sequence[Any],
+               strides: Sequence[int], padding: Sequence[Any],
+               code_size: int | None = None) -> tuple[int, int, int]:
+    """The code's shape (h, w, C) for images of ``image_shape`` (H, W, C); its number of values,
+    h * w * C, is what a PCA baseline of the same size keeps. Raises ``ValueError`` as
+    :func:`layer_sizes` does."""
+    features, kernel_size, strides, padding = _layer_plan(
+        image_shape, features, kernel_size, strides, padding, code_size)
+    h, w = layer_sizes(image_shape[:2], kernel_size, strides, padding)[-1]
+    return int(h), int(w), int(features[-1])
+
+
+def layer_sizes(input_hw: Sequence[int], kernel_size: Sequence[Any], strides: Sequence[int],
                 padding: Sequence[Any]) -> list[tuple[int, int]]:
     """Spatial sizes through the encoder, input first: e.g. [(28, 28), (14, 14), (7, 7), (4, 4)].
 
-    Raises ``ValueError`` (from ``cae.ops``) naming the layer if a kernel does not fit.
+    kernel_size: per layer, k (square) or (kh, kw). Raises ``ValueError`` (from ``cae.ops``)
+    naming the layer if a kernel does not fit.
     """
     sizes = [tuple(int(v) for v in input_hw)]
     for i, (k, s, p) in enumerate(zip(kernel_size, strides, padding)):
         hw = sizes[-1]
-        pads = ops.resolve_padding(p, hw, (k, k), s)
+        khw = _kernel_hw(k)
+        pads = ops.resolve_padding(p, hw, khw, s)
         out = []
-        for size, pad in zip(hw, pads):
-            if size + pad[0] + pad[1] < k:
+        for size, kk, pad in zip(hw, khw, pads):
+            if size + pad[0] + pad[1] < kk:
                 raise ValueError(
                     f"encoder layer {i}: kernel_size {k} is larger than its padded input "
                     f"{size}+{pad[0]}+{pad[1]} (sizes so far: {sizes})"
                 )
-            out.append(ops.conv_output_size(size, k, s, pad))
+            out.append(ops.conv_output_size(size, kk, s, pad))
         sizes.append(tuple(out))
     return sizes

@@ -57,6 +57,16 @@ XLA:CPU abort.
 All compute the same operator; the tests run every identity against each. ``conv_transpose``
 picks one with ``impl=``; the default, ``"auto"``, picks per layer shape (``choose_impl``,
 from the measurements in BENCHMARKS.md).
+
+A conv that covers its input (a fully connected layer)
+------------------------------------------------------
+When the kernel spans the whole unpadded input (``kh = H``, ``kw = W``, no padding) the output is
+1x1 and the sum above has one term per input entry: ``y[n, co] = sum_{i, ci} x[n, i, ci] K[i, ci,
+co]``, i.e. ``y = flatten(x) @ W`` with ``W = K.reshape(kh*kw*C_in, C_out)``, and ``C^T = W^T``:
+``x = (y @ W^T).reshape(N, kh, kw, C_in)`` (``output_padding`` must be 0: it would add rows no
+tap reaches). ``conv`` and ``conv_transpose(impl="auto")`` run that geometry as one GEMM:
+XLA:CPU's convolution of a 7x7x64 map by a 7x7 kernel ran at half the speed of the same product
+as a matmul (BENCHMARKS.md, issue 15).
 """
 
 from __future__ import annotations
@@ -294,7 +304,31 @@ def conv(x: jax.Array, kernel: jax.Array, strides=1, padding: PaddingLike = 0) -
                 f"kernel size {k} along {axis} is larger than the padded input "
                 f"{size}+{p[0]}+{p[1]}={size + p[0] + p[1]}: need kernel <= padded input"
             )
+    if _covers_input(x.shape[1:3], khw, pads):
+        return _dense_conv(x, kernel)
     return _conv(x, kernel, s, pads)
+
+
+def _covers_input(in_hw: Sequence[int], kernel_hw: Sequence[int],
+                  pads: tuple[Pair, Pair]) -> bool:
+    """True when a conv with this geometry is a fully connected layer (module docstring)."""
+    return tuple(in_hw) == tuple(kernel_hw) and all(p == (0, 0) for p in pads)
+
+
+def _dense_conv(x, kernel):
+    """x: [N, kh, kw, C_in] -> [N, 1, 1, C_out]: conv of a kernel covering x, as one GEMM.
+    Plain jnp ops: their autodiff is the transposed GEMMs, exact and fast."""
+    w = kernel.reshape(-1, kernel.shape[3])
+    y = jnp.dot(x.reshape(x.shape[0], -1), w, preferred_element_type=_accum_type(x, kernel))
+    return y.astype(jnp.result_type(x, kernel)).reshape(x.shape[0], 1, 1, -1)
+
+
+def _dense_conv_transpose(y, kernel):
+    """y: [N, 1, 1, C_out] -> [N, kh, kw, C_in] = (y @ W^T), the adjoint of ``_dense_conv``."""
+    kh, kw, c_in, c_out = kernel.shape
+    x = jnp.dot(y.reshape(y.shape[0], c_out), kernel.reshape(-1, c_out).T,
+                preferred_element_type=_accum_type(y, kernel))
+    return x.astype(jnp.result_type(y, kernel)).reshape(y.shape[0], kh, kw, c_in)
 
 
 def _unfused(x):
@@ -741,11 +775,13 @@ def conv_transpose(y: jax.Array, kernel: jax.Array, strides=1, padding: PaddingL
             f"C_out={kernel.shape[3]} (conv_transpose takes the forward conv's kernel)"
         )
     name = DEFAULT_IMPL if impl is None else impl
-    if name == AUTO:
-        name = choose_impl(kernel.shape, s)
-    if name not in IMPLEMENTATIONS:
+    if name != AUTO and name not in IMPLEMENTATIONS:
         raise ValueError(f"impl={impl!r}: allowed are {[AUTO, *sorted(IMPLEMENTATIONS)]}")
     pads, op = _transpose_geometry(y.shape[1:3], khw, s, padding, output_padding)
+    if name == AUTO:
+        if tuple(y.shape[1:3]) == (1, 1) and op == (0, 0) and _covers_input(khw, khw, pads):
+            return _dense_conv_transpose(y, kernel)  # a fully connected layer's W^T
+        name = choose_impl(kernel.shape, s)
     return IMPLEMENTATIONS[name](y, kernel, s, pads, op)
 
 

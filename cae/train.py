@@ -119,6 +119,7 @@ def build_model(cfg: Config, image_shape=None) -> models.ConvAutoencoder:
         tied=m.tied, activation=m.activation, code_activation=m.code_activation,
         impl=m.conv_transpose_impl,
         image_shape=None if image_shape is None else tuple(int(v) for v in image_shape),
+        code_size=m.code_size,
     )
 
 
@@ -268,10 +269,17 @@ def psnr(mse: float) -> float:
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_geometry(cfg: Config, image_shape, num_train: int, num_devices: int = 1) -> None:
+def code_shape(cfg: Config, image_shape) -> tuple[int, int, int]:
+    """The code's shape (h, w, C) for images of ``image_shape`` (H, W, C); its size h * w * C is
+    the number of values per image the encoder keeps. Raises ValueError if a layer does not fit."""
     m = build_model(cfg)
+    return models.code_shape(image_shape, m.features, m.kernel_size, m.strides, m.padding,
+                             m.code_size)
+
+
+def _check_geometry(cfg: Config, image_shape, num_train: int, num_devices: int = 1) -> None:
     try:
-        models.layer_sizes(image_shape[:2], m.kernel_size, m.strides, m.padding)
+        code_shape(cfg, image_shape)
     except ValueError as e:
         raise ConfigError(f"model (images {image_shape[0]}x{image_shape[1]}): {e}") from None
     if cfg.train.batch_size > num_train:
