@@ -43,8 +43,9 @@ __all__ = ["AblationConfig", "Run", "Comparison", "load_ablation_config", "plan_
            "render_markdown", "write_reports", "main", "CSV_COLUMNS", "ALPHA"]
 
 CSV_FILE, MD_FILE, PNG_FILE = "ablation.csv", "ablation.md", "ablation.png"
-CSV_COLUMNS = ("tied", "seed", "num_params", "test_mse", "test_psnr", "linear_probe_acc",
-               "wall_time_s", "train_images_per_sec", "run_dir")
+CSV_COLUMNS = ("code_size", "tied", "seed", "num_params", "test_mse", "test_psnr",
+               "pca_test_mse", "linear_probe_acc", "pca_probe_acc", "wall_time_s",
+               "train_images_per_sec", "run_dir")
 ALPHA = 0.05  # significance level of the verdict's two-sided Welch t-test
 
 # Keys the sweep sets for every run; the user sets seeds through ablation.seeds instead.
@@ -54,18 +55,27 @@ SWEPT = {
 }
 
 
+# With ablation.code_sizes the sweep also sets model.code_size for every run.
+SWEPT_CODE_SIZE = ("model", "code_size"), "set by the sweep; list the sizes in ablation.code_sizes"
+
+
 @dataclasses.dataclass
 class AblationConfig:
     seeds: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2])
+    # Rate-distortion: every size is trained tied and untied for every seed (model.code_size: a
+    # fully connected code of that many numbers). null: the base config's code only.
+    code_sizes: list[int] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-    """One training run of the sweep; ``cfg`` is its full config (output.dir = its run dir)."""
+    """One training run of the sweep; ``cfg`` is its full config (output.dir = its run dir).
+    ``code_size``: the swept model.code_size, None when the sweep does not set it."""
 
     tied: bool
     seed: int
     cfg: Config
+    code_size: int | None = None
 
     @property
     def variant(self) -> str:
@@ -73,7 +83,8 @@ class Run:
 
     @property
     def name(self) -> str:
-        return f"{self.variant}_seed{self.seed}"
+        prefix = "" if self.code_size is None else f"code{self.code_size}_"
+        return f"{prefix}{self.variant}_seed{self.seed}"
 
     @property
     def dir(self) -> Path:
@@ -102,6 +113,18 @@ def _ablation_from_dict(values) -> AblationConfig:
         if seeds.count(s) > 1:
             raise ConfigError(f"ablation.seeds={seeds!r}: seed {s} appears twice; list each "
                               "seed once")
+    sizes = ablation.code_sizes
+    if sizes is not None:
+        if not sizes:
+            raise ConfigError("ablation.code_sizes=[]: list at least one size, e.g. [16, 32, "
+                              "64], or null for the base config's code only")
+        for i, k in enumerate(sizes):
+            if k < 1:
+                raise ConfigError(f"ablation.code_sizes[{i}]={k!r}: must be >= 1 (numbers per "
+                                  "image in the code)")
+            if sizes.count(k) > 1:
+                raise ConfigError(f"ablation.code_sizes={sizes!r}: size {k} appears twice; "
+                                  "list each size once")
     return ablation
 
 
@@ -123,40 +146,46 @@ def load_ablation_config(path: str | os.PathLike, overrides: Sequence[str] = (),
     unknown = sorted(set(raw) - set(sections))
     if unknown:
         raise ConfigError(f"unknown section {unknown[0]!r}: allowed are {sorted(sections)}")
+    ablation_raw = raw.pop("ablation", None)
+    ablation_raw = {} if ablation_raw is None else ablation_raw  # a non-mapping: error below
+    if isinstance(ablation_raw, dict):
+        ablation_raw = dict(ablation_raw)
+    train_overrides, ablation_sets = [], []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        parts = key.strip().split(".")
+        if sep and parts[0] == "ablation":
+            ablation_sets.append((key.strip(), parts, text))
+        else:
+            train_overrides.append(item)
+    for key, parts, text in ablation_sets:
+        allowed = [f.name for f in dataclasses.fields(AblationConfig)]
+        if len(parts) != 2 or parts[1] not in allowed:
+            raise ConfigError(f"--set {key}: unknown key; allowed in ablation are {allowed}")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {key}={text!r}: value is not valid YAML") from None
+        if isinstance(ablation_raw, dict):
+            ablation_raw[parts[1]] = value
+    swept = dict(SWEPT)
+    if isinstance(ablation_raw, dict) and ablation_raw.get("code_sizes") is not None:
+        swept[SWEPT_CODE_SIZE[0]] = SWEPT_CODE_SIZE[1]
     notes = []
-    for (section, key), why in SWEPT.items():
+    for (section, key), why in swept.items():
         values = raw.get(section)
         if isinstance(values, dict) and key in values:
             # A training config used as the base: say that its value is not used, and go on.
             notes.append(f"note: {section}.{key}={values[key]!r} in {path} is not used: {why}")
             raw[section] = {k: v for k, v in values.items() if k != key}
-    ablation_raw = raw.pop("ablation", None)
-    ablation_raw = {} if ablation_raw is None else ablation_raw  # a non-mapping: error below
-    if isinstance(ablation_raw, dict):
-        ablation_raw = dict(ablation_raw)
-    train_overrides = []
-    for item in overrides:
+    for item in train_overrides:
         key, sep, text = item.partition("=")
         parts = key.strip().split(".")
-        if sep and len(parts) == 2 and tuple(parts) in SWEPT:
-            raise ConfigError(f"--set {key.strip()}: {SWEPT[tuple(parts)]}")
-        if sep and parts[0] == "ablation":
-            allowed = [f.name for f in dataclasses.fields(AblationConfig)]
-            if len(parts) != 2 or parts[1] not in allowed:
-                raise ConfigError(f"--set {key.strip()}: unknown key; allowed in ablation are "
-                                  f"{allowed}")
-            try:
-                value = yaml.safe_load(text) if text.strip() else None
-            except yaml.YAMLError:
-                raise ConfigError(
-                    f"--set {key.strip()}={text!r}: value is not valid YAML") from None
-            if isinstance(ablation_raw, dict):
-                ablation_raw[parts[1]] = value
-            continue
+        if sep and len(parts) == 2 and tuple(parts) in swept:
+            raise ConfigError(f"--set {key.strip()}: {swept[tuple(parts)]}")
         if sep and len(parts) == 2 and parts[0] not in sections:
             raise ConfigError(f"--set {key.strip()}: expected section.key with section one of "
                               f"{sorted(sections)}")
-        train_overrides.append(item)
     base = config_lib.from_dict(config_lib.apply_overrides(raw, train_overrides))
     ablation = _ablation_from_dict(ablation_raw)
     for line in notes:  # only for a valid config: an error stays the only line
@@ -165,18 +194,22 @@ def load_ablation_config(path: str | os.PathLike, overrides: Sequence[str] = (),
 
 
 def plan_runs(base: Config, ablation: AblationConfig) -> list[Run]:
-    """Seed-major order (tied, untied for seed 0, then seed 1, ...): a sweep cut short still has
-    both variants of its first seeds."""
+    """Seed-major order (for seed 0: every code size, tied then untied; then seed 1, ...): a
+    sweep cut short still has both variants of every size for its first seeds."""
     runs = []
+    swept_sizes = ablation.code_sizes is not None
     for seed in ablation.seeds:
-        for tied in (True, False):
-            name = f"{'tied' if tied else 'untied'}_seed{seed}"  # == Run.name
-            cfg = dataclasses.replace(
-                base,
-                model=dataclasses.replace(base.model, tied=tied),
-                train=dataclasses.replace(base.train, seed=seed),
-                output=dataclasses.replace(base.output, dir=str(Path(base.output.dir) / name)))
-            runs.append(Run(tied, seed, config_lib.from_dict(config_lib.to_dict(cfg))))
+        for code_size in (ablation.code_sizes if swept_sizes else [base.model.code_size]):
+            for tied in (True, False):
+                run = Run(tied, seed, base, code_size if swept_sizes else None)
+                cfg = dataclasses.replace(
+                    base,
+                    model=dataclasses.replace(base.model, tied=tied, code_size=code_size),
+                    train=dataclasses.replace(base.train, seed=seed),
+                    output=dataclasses.replace(base.output,
+                                               dir=str(Path(base.output.dir) / run.name)))
+                runs.append(dataclasses.replace(
+                    run, cfg=config_lib.from_dict(config_lib.to_dict(cfg))))
     return runs
 
 
@@ -264,10 +297,12 @@ def collect(runs: Sequence[Run]) -> tuple[list[dict], dict[str, np.ndarray]]:
         metrics = [json.loads(line) for line in
                    (run.dir / rundir.METRICS_FILE).read_text().splitlines() if line.strip()]
         rows.append({
+            "code_size": _code_size(run, summary),
             "tied": run.tied, "seed": run.seed, "num_params": int(summary["num_params"]),
             "test_mse": float(summary["test_mse"]), "test_psnr": float(summary["test_psnr"]),
-            "linear_probe_acc": (None if summary.get("linear_probe_acc") is None
-                                 else float(summary["linear_probe_acc"])),
+            "pca_test_mse": _optional(summary, "pca_test_mse"),
+            "linear_probe_acc": _optional(summary, "linear_probe_acc"),
+            "pca_probe_acc": _optional(summary, "pca_probe_acc"),
             "wall_time_s": float(summary["wall_time_s"]),
             "train_images_per_sec": float(summary["train_images_per_sec"]),
             "run_dir": run.name,
@@ -275,6 +310,17 @@ def collect(runs: Sequence[Run]) -> tuple[list[dict], dict[str, np.ndarray]]:
         curve = [metrics[0]["initial_test_mse"], *(m["test_mse"] for m in metrics)]
         curves.setdefault(run.variant, []).append(curve)
     return rows, {v: np.asarray(c, dtype=np.float64) for v, c in curves.items()}
+
+
+def _optional(summary: dict, key: str) -> float | None:
+    return None if summary.get(key) is None else float(summary[key])
+
+
+def _code_size(run: Run, summary: dict) -> int:
+    """summary.json's code_size; for a run finished before that key existed, from its config."""
+    if summary.get("code_size") is not None:
+        return int(summary["code_size"])
+    return int(np.prod(train.code_shape(run.cfg, summary["image_shape"])))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -397,33 +443,51 @@ _MD_METRICS = (  # (row key, column title, format)
 )
 
 
-def render_markdown(rows: Sequence[dict], base: Config, ablation: AblationConfig) -> str:
-    """The report: setup, mean ± std per variant, parameter ratio, verdict(s) and the rule."""
+def _sizes(rows: Sequence[dict]) -> list[int]:
+    return sorted({int(r["code_size"]) for r in rows})
+
+
+def _pca_value(rows: Sequence[dict], key: str) -> float | None:
+    """The PCA baseline's figure for these runs (one code size: the same in every run)."""
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return float(values[0]) if values else None
+
+
+def _ratio(pca: float | None, values: np.ndarray | None) -> str:
+    """How many times lower than PCA's the mean test MSE is."""
+    if pca is None or values is None or not len(values) or values.mean() <= 0:
+        return "n/a"
+    return f"{pca / values.mean():.2f}x"
+
+
+def _variant_section(rows: Sequence[dict], heading: str) -> list[str]:
+    """One code size: mean ± std per variant beside the PCA baseline, parameter ratio, verdicts."""
     params = _by_variant(rows, "num_params")
-    n = {v: len(x) for v, x in params.items()}
-    m, t, d = base.model, base.train, base.data
+    mse = _by_variant(rows, "test_mse")
+    k = int(rows[0]["code_size"])
+    pca_mse, pca_acc = _pca_value(rows, "pca_test_mse"), _pca_value(rows, "pca_probe_acc")
     lines = [
-        "# Tied vs untied ablation", "",
-        f"Base config: `{d.name}`"
-        + (f" (first {d.max_train_examples} train images)" if d.max_train_examples else "")
-        + f", features {m.features}, kernel {m.kernel_size}, strides {m.strides}, "
-        f"{t.epochs} epoch(s), batch {t.batch_size}, {t.optimizer} lr {t.learning_rate:g}, "
-        f"loss {t.loss}. Seeds {ablation.seeds}: n = {n['tied']} tied and {n['untied']} "
-        "untied runs; one row per run in `ablation.csv`. Values are mean ± sample std over "
-        "seeds (ddof = 1).", "",
-        "| variant | n | parameters | " + " | ".join(title for _, title, _ in _MD_METRICS) + " |",
-        "|---" * (3 + len(_MD_METRICS)) + "|",
+        "| variant | n | parameters | " + " | ".join(title for _, title, _ in _MD_METRICS)
+        + " | MSE lower than PCA by |",
+        "|---" * (4 + len(_MD_METRICS)) + "|",
     ]
     for variant in ("tied", "untied"):
         p = params[variant]
         p_text = f"{int(p[0]):,}" if p is not None and np.all(p == p[0]) else _mean_std(p, ",.0f")
         cells = [_mean_std(_by_variant(rows, key)[variant], fmt) for key, _, fmt in _MD_METRICS]
-        lines.append(f"| {variant} | {n[variant]} | {p_text} | " + " | ".join(cells) + " |")
+        lines.append(f"| {variant} | {len(p)} | {p_text} | " + " | ".join(cells)
+                     + f" | {_ratio(pca_mse, mse[variant])} |")
+    if pca_mse is not None:
+        cells = {"test_mse": f"{pca_mse:.6f}", "test_psnr": f"{10 * math.log10(1 / pca_mse):.2f}",
+                 "linear_probe_acc": "n/a" if pca_acc is None else f"{pca_acc:.4f}"}
+        lines.append(f"| PCA-{k} (linear baseline) | | {k} components | "
+                     + " | ".join(cells.get(key, "") for key, _, _ in _MD_METRICS) + " | 1x |")
     ratio = float(params["untied"].mean() / params["tied"].mean())
-    lines += ["", f"Parameter ratio untied / tied: **{ratio:.3f}** "
-                  f"({params['untied'].mean():,.0f} / {params['tied'].mean():,.0f}).", "",
-              "## Verdict", ""]
-    mse = _by_variant(rows, "test_mse")
+    lines += ["", f"Code: {k} numbers per image. Parameter ratio untied / tied: **{ratio:.3f}** "
+                  f"({params['untied'].mean():,.0f} / {params['tied'].mean():,.0f}).",
+              "" if pca_mse is not None else
+              f"PCA baseline: n/a (the code of {k} numbers is not smaller than an image, or the "
+              "runs predate it).", heading, ""]
     lines.append(verdict(compare(mse["tied"], mse["untied"]), "test MSE", lower_is_better=True))
     acc = _by_variant(rows, "linear_probe_acc")
     if acc["tied"] is not None and acc["untied"] is not None:
@@ -431,12 +495,72 @@ def render_markdown(rows: Sequence[dict], base: Config, ablation: AblationConfig
                               lower_is_better=False)]
     else:
         lines += ["", "Linear-probe accuracy: n/a (not in every run's summary.json)."]
-    lines += ["", f"Rule: the difference of the means exceeds the seed-to-seed spread when "
-                  f"Welch's two-sample t-test (two-sided, unequal variances) on the per-seed "
-                  f"final values gives p < {ALPHA}; the pooled sample std is shown for scale. "
-                  "With one seed per variant there is no spread and no verdict.", "",
-              "`ablation.png`: test MSE per epoch (mean over seeds, band = min to max) and "
-              "final test MSE against parameter count (one point per run).", ""]
+    return lines
+
+
+def _overview(rows: Sequence[dict]) -> list[str]:
+    """Rate-distortion table: one line per code size, tied and untied against PCA."""
+    lines = ["| code size | PCA test MSE | tied test MSE | untied test MSE | tied vs PCA | "
+             "untied vs PCA | PCA probe | tied probe | untied probe | untied - tied (MSE) | "
+             "Welch p | difference beyond seed spread? |", "|---" * 12 + "|"]
+    for k in _sizes(rows):
+        sub = [r for r in rows if r["code_size"] == k]
+        mse, acc = _by_variant(sub, "test_mse"), _by_variant(sub, "linear_probe_acc")
+        pca, pca_acc = _pca_value(sub, "pca_test_mse"), _pca_value(sub, "pca_probe_acc")
+        c = compare(mse["tied"], mse["untied"])
+        judged = {None: "cannot judge (1 seed)", True: "yes", False: "no"}[c.significant]
+        lines.append(
+            f"| {k} | {'n/a' if pca is None else f'{pca:.6f}'} | {_mean_std(mse['tied'], '.6f')} "
+            f"| {_mean_std(mse['untied'], '.6f')} | {_ratio(pca, mse['tied'])} lower | "
+            f"{_ratio(pca, mse['untied'])} lower | "
+            f"{'n/a' if pca_acc is None else f'{pca_acc:.4f}'} | {_mean_std(acc['tied'], '.4f')} "
+            f"| {_mean_std(acc['untied'], '.4f')} | {c.diff:+.3g} | "
+            f"{'n/a' if math.isnan(c.p) else f'{c.p:.3g}'} | {judged} |")
+    return lines
+
+
+def render_markdown(rows: Sequence[dict], base: Config, ablation: AblationConfig) -> str:
+    """The report: setup; per code size, mean ± std per variant beside PCA with as many
+    components, parameter ratio and verdict(s); with several sizes an overview table first."""
+    m, t, d = base.model, base.train, base.data
+    swept = ablation.code_sizes is not None
+    params = _by_variant(rows, "num_params")
+    n = {v: len(x) for v, x in params.items()}
+    lines = [
+        "# Rate-distortion ablation: tied vs untied against PCA" if swept
+        else "# Tied vs untied ablation", "",
+        f"Base config: `{d.name}`"
+        + (f" (first {d.max_train_examples} train images)" if d.max_train_examples else "")
+        + f", features {m.features}, kernel {m.kernel_size}, strides {m.strides}, "
+        + (f"code sizes {ablation.code_sizes} (model.code_size: a fully connected code), "
+           if swept else "")
+        + f"{t.epochs} epoch(s), batch {t.batch_size}, {t.optimizer} lr {t.learning_rate:g}"
+        f"{' ' + t.schedule if t.schedule != 'constant' else ''}, loss {t.loss}. "
+        f"Seeds {ablation.seeds}: n = {n['tied']} tied and {n['untied']} untied runs"
+        + (" in all" if swept else "") + "; one row per run in `ablation.csv`. Values are mean ± "
+        "sample std over seeds (ddof = 1). PCA-k: PCA with as many components as the code has "
+        "numbers, fitted on the same train split (the best linear compressor); its probe is "
+        "the same linear probe on its k coefficients.", ""]
+    if swept:
+        lines += ["## Test MSE against code size", "", *_overview(rows), ""]
+        for k in _sizes(rows):
+            lines += [f"## Code of {k} numbers", ""]
+            lines += _variant_section([r for r in rows if r["code_size"] == k],
+                                      f"### Verdict at {k} numbers")
+            lines.append("")
+    else:
+        lines += _variant_section(rows, "## Verdict")
+        lines.append("")
+    lines += [f"Rule: the difference of the means exceeds the seed-to-seed spread when "
+              f"Welch's two-sample t-test (two-sided, unequal variances) on the per-seed "
+              f"final values gives p < {ALPHA}; the pooled sample std is shown for scale. "
+              "With one seed per variant there is no spread and no verdict.", ""]
+    lines.append("`ablation.png`: test MSE against code size (log-log; mean over seeds, band = "
+                 "min to max) for tied, untied and PCA, and how many times lower than PCA's "
+                 "each variant's test MSE is." if swept else
+                 "`ablation.png`: test MSE per epoch (mean over seeds, band = min to max) and "
+                 "final test MSE against parameter count (one point per run).")
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -446,16 +570,28 @@ def write_reports(out_dir: str | os.PathLike, runs: Sequence[Run], base: Config,
     out_dir = Path(out_dir)
     rows, curves = collect(runs)
     csv_text, md_text = render_csv(rows), render_markdown(rows, base, ablation)
-    final = _by_variant(rows, "test_mse")
-    params = _by_variant(rows, "num_params")
-    # Epoch 0 (the untrained model, ~100x the final MSE) only when there is a single epoch: it
-    # would squeeze the trained epochs, where tied and untied differ, into a sliver of the axis.
-    first = 1 if next(iter(curves.values())).shape[1] > 2 else 0
-    curves = {v: c[:, first:] for v, c in curves.items()}
-    epochs = np.arange(first, first + next(iter(curves.values())).shape[1])
-    title = (f"{base.data.name}: tied vs untied, {base.train.epochs} epoch(s), "
-             f"seeds {ablation.seeds}")
-    plots.save_ablation(out_dir / PNG_FILE, epochs, curves, final, params, title=title)
+    if ablation.code_sizes is not None:
+        sizes = _sizes(rows)
+        final = {v: np.array([[r["test_mse"] for r in rows if r["tied"] == tied
+                               and r["code_size"] == k] for k in sizes], np.float64).T
+                 for v, tied in (("tied", True), ("untied", False))}
+        pca = [_pca_value([r for r in rows if r["code_size"] == k], "pca_test_mse")
+               for k in sizes]
+        plots.save_figure(out_dir / PNG_FILE, plots.rate_distortion_figure(
+            np.asarray(sizes), final, np.asarray([np.nan if v is None else v for v in pca]),
+            title=f"{base.data.name}: test MSE vs code size, {base.train.epochs} epoch(s), "
+                  f"seeds {ablation.seeds}"))
+    else:
+        final = _by_variant(rows, "test_mse")
+        params = _by_variant(rows, "num_params")
+        # Epoch 0 (the untrained model, ~100x the final MSE) only when there is a single epoch:
+        # it would squeeze the trained epochs, where tied and untied differ, into a sliver.
+        first = 1 if next(iter(curves.values())).shape[1] > 2 else 0
+        curves = {v: c[:, first:] for v, c in curves.items()}
+        epochs = np.arange(first, first + next(iter(curves.values())).shape[1])
+        title = (f"{base.data.name}: tied vs untied, {base.train.epochs} epoch(s), "
+                 f"seeds {ablation.seeds}")
+        plots.save_ablation(out_dir / PNG_FILE, epochs, curves, final, params, title=title)
     rundir.write_atomic(out_dir / CSV_FILE, csv_text)
     rundir.write_atomic(out_dir / MD_FILE, md_text)
     return rows
@@ -488,9 +624,13 @@ def main(argv: list[str] | None = None) -> int:
         return code
     base, rows = result
     out = Path(base.output.dir)
-    mse = _by_variant(rows, "test_mse")
     print(f"done: {out / CSV_FILE}, {out / MD_FILE}, {out / PNG_FILE}")
-    print(verdict(compare(mse["tied"], mse["untied"])))
+    for k in _sizes(rows):
+        sub = [r for r in rows if r["code_size"] == k]
+        mse, pca = _by_variant(sub, "test_mse"), _pca_value(sub, "pca_test_mse")
+        against = ("" if pca is None else f" PCA-{k} {pca:.5f}; tied {_ratio(pca, mse['tied'])} "
+                   f"and untied {_ratio(pca, mse['untied'])} lower.")
+        print(f"code of {k} numbers:{against} {verdict(compare(mse['tied'], mse['untied']))}")
     return 0
 
 

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from cae import ops
 
 __all__ = ["ConvAutoencoder", "StridedConv", "TransposedConv", "ACTIVATIONS", "layer_sizes",
-           "code_shape"]
+           "layer_plan", "code_shape", "kernel_hw"]
 
 ACTIVATIONS = {
     "relu": nn.relu,
@@ -41,7 +41,8 @@ _decoder_init = nn.initializers.variance_scaling(2.0, "fan_in", "truncated_norma
                                                  in_axis=(0, 1, 3), out_axis=2)
 
 
-def _kernel_hw(kernel_size) -> tuple[int, int]:
+def kernel_hw(kernel_size) -> tuple[int, int]:
+    """A layer's kernel_size, k or (kh, kw) -> (kh, kw)."""
     return ((kernel_size, kernel_size) if isinstance(kernel_size, int)
             else tuple(int(k) for k in kernel_size))
 
@@ -57,7 +58,7 @@ class StridedConv(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.param("kernel", _encoder_init,
-                            (*_kernel_hw(self.kernel_size), x.shape[-1], self.features))
+                            (*kernel_hw(self.kernel_size), x.shape[-1], self.features))
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
         return ops.add_bias(ops.conv(x, kernel, self.strides, self.padding), bias)
 
@@ -79,7 +80,7 @@ class TransposedConv(nn.Module):
 
     @nn.compact
     def __call__(self, y: jax.Array, kernel: jax.Array | None = None) -> jax.Array:
-        khw = _kernel_hw(self.kernel_size)
+        khw = kernel_hw(self.kernel_size)
         if kernel is None:
             kernel = self.param("kernel", _decoder_init, (*khw, self.features, y.shape[-1]))
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
@@ -151,7 +152,7 @@ class ConvAutoencoder(nn.Module):
                              "does not determine the image size")
         else:
             image_shape = tuple(self.image_shape)
-        features, kernel_size, strides, padding = _layer_plan(
+        features, kernel_size, strides, padding = layer_plan(
             image_shape, self.features, self.kernel_size, self.strides, self.padding,
             self.code_size)
         n = len(features)
@@ -183,7 +184,7 @@ class ConvAutoencoder(nn.Module):
         return x
 
 
-def _layer_plan(image_shape: Sequence[int], features: Sequence[int], kernel_size: Sequence[Any],
+def layer_plan(image_shape: Sequence[int], features: Sequence[int], kernel_size: Sequence[Any],
                 strides: Sequence[int], padding: Sequence[Any], code_size: int | None):
     """The encoder's layers as (features, kernel_size, strides, padding) lists, with the fully
     connected bottleneck of ``code_size`` appended (kernel = the last conv's output size, VALID,
@@ -205,7 +206,7 @@ def code_shape(image_shape: Sequence[int], features: Sequence[int], kernel_size:
     """The code's shape (h, w, C) for images of ``image_shape`` (H, W, C); its number of values,
     h * w * C, is what a PCA baseline of the same size keeps. Raises ``ValueError`` as
     :func:`layer_sizes` does."""
-    features, kernel_size, strides, padding = _layer_plan(
+    features, kernel_size, strides, padding = layer_plan(
         image_shape, features, kernel_size, strides, padding, code_size)
     h, w = layer_sizes(image_shape[:2], kernel_size, strides, padding)[-1]
     return int(h), int(w), int(features[-1])
@@ -221,7 +222,7 @@ def layer_sizes(input_hw: Sequence[int], kernel_size: Sequence[Any], strides: Se
     sizes = [tuple(int(v) for v in input_hw)]
     for i, (k, s, p) in enumerate(zip(kernel_size, strides, padding)):
         hw = sizes[-1]
-        khw = _kernel_hw(k)
+        khw = kernel_hw(k)
         pads = ops.resolve_padding(p, hw, khw, s)
         out = []
         for size, kk, pad in zip(hw, khw, pads):

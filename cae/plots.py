@@ -292,3 +292,49 @@ def save_ablation(path: str | os.PathLike, epochs: np.ndarray, curves: dict[str,
     ablation_figure(epochs, curves, final_mse, num_params, title).savefig(buf, format="png",
                                                                           dpi=100)
     write_atomic(path, buf.getvalue())
+
+
+__all__ += ["rate_distortion_figure"]
+
+
+def rate_distortion_figure(code_sizes: np.ndarray, final_mse: dict[str, np.ndarray],
+                           pca_mse: np.ndarray, title: str | None = None) -> Figure:
+    """Test MSE against code size: what each variant buys over the linear baseline.
+
+    code_sizes: [K] numbers per image; final_mse[v]: [S, K] test MSE of each seed (rows) at each
+    size; pca_mse: [K] PCA with as many components (NaN where there is none).
+    Left: log-log rate-distortion curves, the mean over seeds as a line with the min-to-max
+    band, PCA dashed. Right: PCA's MSE / the variant's (how many times lower), log scale.
+    """
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    sizes = np.asarray(code_sizes, np.float64)
+    pca = np.asarray(pca_mse, np.float64)
+    for i, (variant, mse) in enumerate(final_mse.items()):
+        mse = np.asarray(mse, np.float64)
+        color = f"C{i}"
+        left.plot(sizes, mse.mean(axis=0), "o-", color=color,
+                  label=f"{variant} (mean of {mse.shape[0]} seed{'s' * (mse.shape[0] > 1)})")
+        left.fill_between(sizes, mse.min(axis=0), mse.max(axis=0), color=color, alpha=0.25,
+                          linewidth=0)
+        right.plot(sizes, pca / mse.mean(axis=0), "o-", color=color, label=variant)
+    if np.any(np.isfinite(pca)):
+        left.plot(sizes, pca, "s--", color="0.4", label="PCA, as many components")
+    right.axhline(1.0, color="0.4", linestyle="--", label="PCA (= 1)")
+    for ax in (left, right):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sizes, [f"{int(k)}" for k in sizes])
+        ax.minorticks_off()
+        ax.set_xlabel("code size (numbers per image)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize="small")
+    left.set_yscale("log")
+    left.set_ylabel("test MSE (per pixel, log scale)")
+    left.set_title("rate-distortion (band: min-max over seeds)")
+    right.set_yscale("log")
+    right.yaxis.set_major_formatter("{x:.3g}x")
+    right.set_ylabel("PCA's test MSE / variant's")
+    right.set_title("times lower MSE than PCA at the same size")
+    if title:
+        fig.suptitle(title)
+    return fig

@@ -28,9 +28,9 @@ from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from cae import baselines, models, ops, plots, probe, rundir
 from cae import config as config_lib
 from cae import data as data_lib
-from cae import models, ops, plots, probe, rundir
 from cae.config import Config, ConfigError
 
 __all__ = ["TrainState", "create_train_state", "loss_fn", "train_step", "eval_step",
@@ -430,6 +430,8 @@ def _finish(cfg, state, ds, history, run_dir, writer, steady_images, steady_time
                                         cfg.train.eval_batch_size, seed=cfg.train.seed)
         if probe_acc is not None:
             writer.add_scalar("test/linear_probe_acc", probe_acc, int(state.step))
+    code_size = int(np.prod(code_shape(cfg, ds.image_shape)))
+    pca = _pca_baseline(cfg, ds, code_size)
     if steady_time <= 0:  # every epoch came from a checkpoint: report what they measured
         ips = [r["images_per_sec"] for r in history if r["images_per_sec"] > 0]
         images_per_sec = float(np.mean(ips)) if ips else 0.0
@@ -451,9 +453,47 @@ def _finish(cfg, state, ds, history, run_dir, writer, steady_images, steady_time
         "dataset": ds.name,
         "image_shape": list(ds.image_shape),
         "linear_probe_acc": probe_acc,  # None: switched off, or a dataset without labels
+        "code_size": code_size,  # numbers per image in the code
     }
+    if pca is not None:  # the linear baseline with as many numbers: PCA-code_size
+        summary["pca_test_mse"] = pca.test_mse
+        summary["mse_ratio_to_pca"] = (pca.test_mse / final["test_mse"] if final["test_mse"] > 0
+                                       else float("inf"))
+        if cfg.train.linear_probe:
+            summary["pca_probe_acc"] = pca.probe_acc
     rundir.write_atomic(run_dir / rundir.SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _pca_baseline(cfg: Config, ds: data_lib.Dataset, code_size: int):
+    """PCA with ``code_size`` components on the same splits (cached per machine); None when the
+    code is not smaller than an image (then nothing is compressed and there is no baseline)."""
+    if code_size >= int(np.prod(ds.image_shape)):
+        return None
+    t0 = time.perf_counter()
+    result = baselines.pca_baseline(ds, code_size, probe=cfg.train.linear_probe)
+    if time.perf_counter() - t0 > 1.0:  # computed, not read from the cache
+        print(f"PCA baseline with {code_size} components in {time.perf_counter() - t0:.1f} s "
+              f"(cached in {baselines.cache_dir()})", flush=True)
+    return result
+
+
+def summary_line(summary: dict) -> str:
+    """The figures of a summary.json in one line, each quality figure beside its baseline."""
+    parts = [f"test_mse {summary['test_mse']:.5f} (untrained {summary['initial_test_mse']:.5f}"]
+    if summary.get("pca_test_mse") is not None:
+        parts[0] += (f", PCA-{summary['code_size']} {summary['pca_test_mse']:.5f}: "
+                     f"{summary['mse_ratio_to_pca']:.2f}x lower than PCA)")
+    else:
+        parts[0] += f"; code of {summary['code_size']} numbers: no PCA baseline)"
+    parts.append(f"test_psnr {summary['test_psnr']:.2f} dB")
+    if summary.get("linear_probe_acc") is not None:
+        pca_probe = summary.get("pca_probe_acc")
+        parts.append(f"linear_probe_acc {summary['linear_probe_acc']:.4f}"
+                     + ("" if pca_probe is None else f" (PCA codes {pca_probe:.4f})"))
+    parts.append(f"code {summary['code_size']} numbers, {summary['num_params']} params, "
+                 f"{summary['train_images_per_sec']:.0f} img/s")
+    return ", ".join(parts)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -499,11 +539,7 @@ def main(argv: list[str] | None = None) -> int:
     if code:
         return code
     cfg, summary = result
-    probe_acc = summary.get("linear_probe_acc")
-    probed = "" if probe_acc is None else f", linear_probe_acc {probe_acc:.4f}"
-    print(f"done: test_mse {summary['test_mse']:.5f}, test_psnr {summary['test_psnr']:.2f} dB"
-          f"{probed}, {summary['num_params']} params, "
-          f"{summary['train_images_per_sec']:.0f} img/s; results in {cfg.output.dir}")
+    print(f"done: {summary_line(summary)}; results in {cfg.output.dir}")
     return 0
 
 

@@ -46,7 +46,7 @@ from bench_ops import cpu_model
 
 from cae import config as config_lib
 from cae import data as data_lib
-from cae import ops, train
+from cae import models, ops, train
 
 
 def load_images(cfg) -> tuple[np.ndarray, str]:
@@ -79,10 +79,11 @@ def torch_trainer(torch, cfg, params, images: np.ndarray, batch: int, seed: int)
     ``run(steps) -> last loss`` and ``first_loss`` (loss of the first batch before training)."""
     f = torch.nn.functional
     m = cfg.model
-    n = len(m.features)
-    ks = config_lib.per_layer(m.kernel_size, n, "k")
-    ss = config_lib.per_layer(m.strides, n, "s")
-    ps = config_lib.per_layer(m.padding, n, "p")
+    model = train.build_model(cfg)  # its layers, with model.code_size's fully connected one
+    _, ks, ss, ps = models.layer_plan(images.shape[1:], model.features, model.kernel_size,
+                                      model.strides, model.padding, model.code_size)
+    n = len(ks)
+    ks = [models.kernel_hw(k) for k in ks]
     if not all(isinstance(p, int) for p in ps):
         raise SystemExit("the torch baseline needs int padding")
 
@@ -113,8 +114,8 @@ def torch_trainer(torch, cfg, params, images: np.ndarray, batch: int, seed: int)
                 x = getattr(f, m.code_activation)(x)
         for i in reversed(range(n)):
             kernel = enc[i][0] if m.tied else dec[i][0]
-            op = [size - ops.conv_transpose_output_size(h, ks[i], ss[i], (ps[i], ps[i]))
-                  for size, h in zip(sizes[i], x.shape[-2:])]
+            op = [size - ops.conv_transpose_output_size(h, k, ss[i], (ps[i], ps[i]))
+                  for size, h, k in zip(sizes[i], x.shape[-2:], ks[i])]
             x = f.conv_transpose2d(x, kernel, dec[i][1], stride=ss[i], padding=ps[i],
                                    output_padding=tuple(op))
             x = act(x) if i > 0 else x

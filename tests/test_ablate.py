@@ -90,12 +90,15 @@ def test_zero_spread():
     assert ablate.verdict(same).startswith("Neither variant")
 
 
-def _rows(tied_mse, untied_mse, acc=None):
+def _rows(tied_mse, untied_mse, acc=None, code_size=256, pca=None):
     rows = []
     for tied, values in ((True, tied_mse), (False, untied_mse)):
         for seed, v in enumerate(values):
-            rows.append({"tied": tied, "seed": seed, "num_params": 100 if tied else 190,
+            rows.append({"code_size": code_size, "tied": tied, "seed": seed,
+                         "num_params": 100 if tied else 190,
                          "test_mse": v, "test_psnr": 10 * math.log10(1 / v),
+                         "pca_test_mse": None if pca is None else pca[0],
+                         "pca_probe_acc": None if pca is None else pca[1],
                          "linear_probe_acc": None if acc is None else acc[tied][seed],
                          "wall_time_s": 10.0 + seed, "train_images_per_sec": 1000.0 * (seed + 1),
                          "run_dir": f"{'tied' if tied else 'untied'}_seed{seed}"})
@@ -160,7 +163,13 @@ def _main(capsys, *args):
 
 
 BAD_SETS = [
-    (["ablation.foo=1"], r"--set ablation\.foo: unknown key; allowed in ablation are \['seeds'\]"),
+    (["ablation.foo=1"], r"--set ablation\.foo: unknown key; allowed in ablation are \['seeds', "
+                         r"'code_sizes'\]"),
+    (["ablation.code_sizes=[]"], r"ablation\.code_sizes=\[\]: list at least one size"),
+    (["ablation.code_sizes=[8,0]"], r"ablation\.code_sizes\[1\]=0: must be >= 1"),
+    (["ablation.code_sizes=[8,16,8]"], r"ablation\.code_sizes=\[8, 16, 8\]: size 8 appears twice"),
+    (["model.code_size=8"], r"--set model\.code_size: set by the sweep; list the sizes in "
+                            r"ablation\.code_sizes"),
     (["ablation.seeds=abc"], r"ablation\.seeds='abc': expected list of \(int\)"),
     (["ablation.seeds=[]"], r"ablation\.seeds=\[\]: need at least one seed"),
     (["ablation.seeds=[0,2,0]"], r"ablation\.seeds=\[0, 2, 0\]: seed 0 appears twice"),
@@ -190,7 +199,7 @@ def test_bad_overrides_exit_2_with_one_line_and_nothing_created(capsys, tmp_path
 
 BAD_FILES = [
     ("ablation: {seeds: [0], repeats: 2}\n", r"unknown key ablation\.repeats: allowed in "
-                                             r"ablation are \['seeds'\]"),
+                                             r"ablation are \['code_sizes', 'seeds'\]"),
     ("ablation: [0, 1]\n", r"ablation: expected a mapping of keys, got \[0, 1\]"),
     ("ablation: {seeds: 3}\n", r"ablation\.seeds=3: expected list of \(int\)"),
     ("sweep: {seeds: [0]}\n", r"unknown section 'sweep': allowed are \['ablation', 'data'"),
@@ -275,7 +284,9 @@ def test_cli_in_a_child_process_has_no_traceback(tmp_path):
 # ----------------------------------------------------------------------------------------------
 
 SMALL = ["model.features=[8,16]", "train.epochs=1", "train.batch_size=64",
-         "train.learning_rate=3e-3", "data.max_train_examples=2048", "output.progress=off"]
+         "train.learning_rate=3e-3", "data.max_train_examples=2048", "output.progress=off",
+         "ablation.code_sizes=[4,8]"]
+NAMES = ["code4_tied_seed0", "code4_untied_seed0", "code8_tied_seed0", "code8_untied_seed0"]
 
 
 def _sweep(capsys, mnist_dirs, out, *sets):
@@ -292,91 +303,105 @@ def _summary_mtimes(out):
     return {p.parent.name: p.stat().st_mtime_ns for p in sorted(out.glob("*/summary.json"))}
 
 
+def _pca_mse(train_images, test_images, k):
+    """Independent reference for the PCA column: NumPy's SVD of the centred train split."""
+    a = train_images.reshape(len(train_images), -1) / 255.0
+    t = test_images.reshape(len(test_images), -1) / 255.0
+    v = np.linalg.svd(a - a.mean(0), full_matrices=False)[2][:k].T
+    return float(np.mean((np.clip(a.mean(0) + (t - a.mean(0)) @ v @ v.T, 0, 1) - t) ** 2))
+
+
 @pytest.mark.slow
-def test_small_sweep_end_to_end(capsys, mnist_dirs, tmp_path):
+def test_small_sweep_end_to_end(capsys, mnist_dirs, mnist, tmp_path, monkeypatch):
+    monkeypatch.setenv("CAE_CACHE_DIR", str(tmp_path / "cache"))
     out = tmp_path / "sweep"
     # 1. One seed first (the sweep "interrupted" after its first seed) ...
     code, stdout, err = _sweep(capsys, mnist_dirs, out, "ablation.seeds=[0]")
     assert code == 0, err
     assert "cannot be judged" in (out / "ablation.md").read_text()
     first = _summary_mtimes(out)
-    assert sorted(first) == ["tied_seed0", "untied_seed0"]
+    assert sorted(first) == sorted(NAMES)
 
     # 2. ... then two: seed 0 is reused untouched, seed 1 trained.
     code, stdout, err = _sweep(capsys, mnist_dirs, out, "ablation.seeds=[0,1]")
     assert code == 0, err
-    assert "[1/4] tied_seed0: finished earlier, reusing" in stdout
-    assert "[2/4] untied_seed0: finished earlier, reusing" in stdout
-    assert "[3/4] tied_seed1: training" in stdout and "[4/4] untied_seed1: done" in stdout
+    for i, name in enumerate(NAMES, 1):
+        assert f"[{i}/8] {name}: finished earlier, reusing" in stdout
+    assert "[5/8] code4_tied_seed1: training" in stdout
+    assert "[8/8] code8_untied_seed1: done" in stdout
     mtimes = _summary_mtimes(out)
     assert {k: mtimes[k] for k in first} == first
 
     rows = list(csv.DictReader(io.StringIO((out / "ablation.csv").read_text())))
-    assert [(r["tied"], r["seed"], r["run_dir"]) for r in rows] == [
-        ("true", "0", "tied_seed0"), ("false", "0", "untied_seed0"),
-        ("true", "1", "tied_seed1"), ("false", "1", "untied_seed1")]
+    assert [(r["code_size"], r["tied"], r["seed"], r["run_dir"]) for r in rows] == [
+        (name[4], "true" if "_tied" in name else "false", seed, f"{name[:-1]}{seed}")
+        for seed in "01" for name in NAMES]
+    pca = {k: _pca_mse(mnist.train[:2048], mnist.test, k) for k in (4, 8)}
     for r in rows:
         run = out / r["run_dir"]
         summary = json.loads((run / "summary.json").read_text())
         saved = config.from_dict(yaml.safe_load((run / "config.yaml").read_text()))
         assert saved.model.tied == (r["tied"] == "true") and saved.train.seed == int(r["seed"])
-        for key in ("num_params", "test_mse", "test_psnr", "wall_time_s",
+        assert saved.model.code_size == int(r["code_size"]) == summary["code_size"]
+        for key in ("num_params", "test_mse", "test_psnr", "pca_test_mse", "wall_time_s",
                     "train_images_per_sec"):
             assert float(r[key]) == summary[key], key
-        assert r["linear_probe_acc"] == ("" if summary.get("linear_probe_acc") is None
-                                         else repr(summary["linear_probe_acc"]))
+        for key in ("linear_probe_acc", "pca_probe_acc"):
+            assert r[key] == repr(summary[key]) and 0.1 < summary[key] <= 1, key
+        assert summary["pca_test_mse"] == pytest.approx(pca[summary["code_size"]], rel=1e-9)
+        assert summary["mse_ratio_to_pca"] == summary["pca_test_mse"] / summary["test_mse"]
         assert summary["test_mse"] < 0.2  # trained: well below an untrained model's
-    # Parameter count by hand: untied adds one decoder kernel per encoder kernel (3x3x1x8 +
-    # 3x3x8x16); tied = those kernels + encoder biases (8 + 16) + decoder biases (8 + 1).
-    kernels = 3 * 3 * 1 * 8 + 3 * 3 * 8 * 16
-    assert {int(r["num_params"]) for r in rows if r["tied"] == "true"} == {kernels + 24 + 9}
-    assert {int(r["num_params"]) for r in rows if r["tied"] == "false"} == {2 * kernels + 33}
+    # Parameter count by hand: the convs' kernels (3x3x1x8 + 3x3x8x16) and the fully connected
+    # code's W (7x7x16 x k); untied has every kernel twice. Biases: 8 + 16 + k and 16 + 8 + 1.
+    for k in (4, 8):
+        kernels = 3 * 3 * 1 * 8 + 3 * 3 * 8 * 16 + 7 * 7 * 16 * k
+        biases = 8 + 16 + k + 16 + 8 + 1
+        by_tied = {r["tied"]: int(r["num_params"]) for r in rows if r["code_size"] == str(k)}
+        assert by_tied == {"true": kernels + biases, "false": 2 * kernels + biases}
 
-    # ablation.md: statistics recomputed from the CSV with NumPy, and a consistent verdict.
+    # ablation.md: per code size, statistics recomputed from the CSV with NumPy, PCA beside them,
+    # and a verdict consistent with Welch's test.
     md = (out / "ablation.md").read_text()
-    mse = {v: np.array([float(r["test_mse"]) for r in rows if r["tied"] == v])
-           for v in ("true", "false")}
-    for v in mse.values():
-        assert f"{v.mean():.6f} ± {np.std(v, ddof=1):.6f}" in md
-    ratio = (2 * kernels + 33) / (kernels + 33)
-    assert f"untied / tied: **{ratio:.3f}**" in md
-    a, b = mse["true"], mse["false"]
-    t = (b.mean() - a.mean()) / math.sqrt(a.var(ddof=1) / 2 + b.var(ddof=1) / 2)
-    assert f"Welch t = {t:.2f}" in md
-    better = "Untied" if b.mean() < a.mean() else "Tied"
-    assert f"{better} has the lower test MSE: untied - tied = {b.mean() - a.mean():+.3g}" in md
     from scipy import stats
 
-    p = stats.ttest_ind(b, a, equal_var=False).pvalue
-    mse_verdict = md.split("## Verdict\n\n", 1)[1].split("\n", 1)[0]
-    assert mse_verdict.startswith(f"{better} has the lower test MSE")
-    assert ("exceeds the seed-to-seed spread" in mse_verdict) == (p < 0.05)
-    assert ("within the seed-to-seed spread" in mse_verdict) == (p >= 0.05)
+    for k in ("4", "8"):
+        section = md.split(f"## Code of {k} numbers\n", 1)[1].split("\n## ", 1)[0]
+        mse = {v: np.array([float(r["test_mse"]) for r in rows
+                            if r["tied"] == v and r["code_size"] == k]) for v in ("true", "false")}
+        for v in mse.values():
+            assert f"{v.mean():.6f} ± {np.std(v, ddof=1):.6f}" in section
+            assert f"{pca[int(k)] / v.mean():.2f}x" in section
+        assert f"| PCA-{k} (linear baseline) | | {k} components | {pca[int(k)]:.6f} |" in section
+        a, b = mse["true"], mse["false"]
+        t = (b.mean() - a.mean()) / math.sqrt(a.var(ddof=1) / 2 + b.var(ddof=1) / 2)
+        assert f"Welch t = {t:.2f}" in section
+        better = "Untied" if b.mean() < a.mean() else "Tied"
+        mse_verdict = section.split(f"### Verdict at {k} numbers\n\n", 1)[1].split("\n", 1)[0]
+        assert mse_verdict.startswith(f"{better} has the lower test MSE: untied - tied = "
+                                      f"{b.mean() - a.mean():+.3g}")
+        p = stats.ttest_ind(b, a, equal_var=False).pvalue
+        assert ("exceeds the seed-to-seed spread" in mse_verdict) == (p < 0.05)
+        overview = md.split("## Test MSE against code size", 1)[1].split("\n## ", 1)[0]
+        assert f"| {k} | {pca[int(k)]:.6f} | {a.mean():.6f} ± {np.std(a, ddof=1):.6f} |" in overview
+    assert f"code of 4 numbers: PCA-4 {pca[4]:.5f}; tied " in stdout  # the final lines
 
-    # ablation.png: a real PNG; the curves it plots are the runs' metrics.jsonl.
+    # ablation.png: a real PNG of the rate-distortion plot.
     from matplotlib import image
 
     assert image.imread(out / "ablation.png").shape[:2] == (400, 1000)
-    base, sweep = ablate.load_ablation_config(
-        ABLATION, [f"output.dir={out}", *SMALL, "ablation.seeds=[0,1]"], note=lambda s: None)
-    _, curves = ablate.collect(ablate.plan_runs(base, sweep))
-    metrics = [json.loads(line) for line in (out / "untied_seed1" / "metrics.jsonl")
-               .read_text().splitlines()]
-    np.testing.assert_array_equal(curves["untied"][1],
-                                  [metrics[0]["initial_test_mse"], metrics[0]["test_mse"]])
 
     # 3. The same command again: nothing retrained, the same reports.
     reports = {f: (out / f).read_bytes() for f in ("ablation.csv", "ablation.md")}
     code, stdout, err = _sweep(capsys, mnist_dirs, out, "ablation.seeds=[0,1]")
-    assert code == 0 and stdout.count("finished earlier, reusing") == 4, stdout
+    assert code == 0 and stdout.count("finished earlier, reusing") == 8, stdout
     assert _summary_mtimes(out) == mtimes
     assert {f: (out / f).read_bytes() for f in reports} == reports
 
     # 4. A run killed after its last checkpoint but before its summary resumes, same numbers.
-    (out / "untied_seed1" / "summary.json").unlink()
+    (out / "code8_untied_seed1" / "summary.json").unlink()
     code, stdout, err = _sweep(capsys, mnist_dirs, out, "ablation.seeds=[0,1]")
-    assert code == 0 and "[4/4] untied_seed1: resuming from its last checkpoint" in stdout
-    assert stdout.count("finished earlier, reusing") == 3
+    assert code == 0 and "[8/8] code8_untied_seed1: resuming from its last checkpoint" in stdout
+    assert stdout.count("finished earlier, reusing") == 7
     resumed = list(csv.DictReader(io.StringIO((out / "ablation.csv").read_text())))
     assert [r["test_mse"] for r in resumed] == [r["test_mse"] for r in rows]
 
@@ -385,7 +410,32 @@ def test_small_sweep_end_to_end(capsys, mnist_dirs, tmp_path):
     code, stdout, err = _sweep(capsys, mnist_dirs, out, "ablation.seeds=[0,1]",
                                "train.learning_rate=1e-3")
     assert code == 2 and len(err.strip().splitlines()) == 1
-    assert re.search(r"tied_seed0 holds a finished run with another config \(train\."
+    assert re.search(r"code4_tied_seed0 holds a finished run with another config \(train\."
                      r"learning_rate: saved 0\.003, now 0\.001\); choose another output\.dir "
                      r"or set output\.overwrite=true", err), err
     assert (_summary_mtimes(out), (out / "ablation.csv").stat().st_mtime_ns) == before
+
+
+@pytest.mark.slow
+def test_single_code_sweep_keeps_its_run_names_and_epoch_curves(capsys, mnist_dirs, tmp_path,
+                                                                monkeypatch):
+    """ablation.code_sizes=null: the sweep of PR 3 (tied/untied at the base config's code), run
+    dirs named as before so finished sweeps are reused; the figure shows the epoch curves."""
+    monkeypatch.setenv("CAE_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "sweep"
+    code, stdout, err = _sweep(capsys, mnist_dirs, out, "ablation.seeds=[0]",
+                               "ablation.code_sizes=null", "model.code_size=6")
+    assert code == 0, err
+    assert sorted(_summary_mtimes(out)) == ["tied_seed0", "untied_seed0"]
+    rows = list(csv.DictReader(io.StringIO((out / "ablation.csv").read_text())))
+    assert [r["code_size"] for r in rows] == ["6", "6"] and all(r["pca_test_mse"] for r in rows)
+    base, sweep = ablate.load_ablation_config(
+        ABLATION, [f"output.dir={out}", *SMALL, "ablation.seeds=[0]", "ablation.code_sizes=null",
+                   "model.code_size=6"], note=lambda s: None)
+    _, curves = ablate.collect(ablate.plan_runs(base, sweep))
+    metrics = [json.loads(line) for line in (out / "untied_seed0" / "metrics.jsonl")
+               .read_text().splitlines()]
+    np.testing.assert_array_equal(curves["untied"][0],
+                                  [metrics[0]["initial_test_mse"], metrics[0]["test_mse"]])
+    md = (out / "ablation.md").read_text()
+    assert "# Tied vs untied ablation" in md and "## Verdict\n\n" in md and "PCA-6" in md
