@@ -259,12 +259,12 @@ def test_unusable_output_dirs_are_refused_before_training(capsys, tmp_path):
     assert code == 2 and "is a cae.train run directory" in err
     assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml"]
     foreign = tmp_path / "foreign"
-    (foreign / "untied_seed1").mkdir(parents=True)
-    (foreign / "untied_seed1" / "notes.txt").write_text("mine")
+    (foreign / "code32_untied_seed1").mkdir(parents=True)
+    (foreign / "code32_untied_seed1" / "notes.txt").write_text("mine")
     code, _, err = _main(capsys, "--config", str(ABLATION), "--set", f"output.dir={foreign}")
     assert code == 2 and len(err.strip().splitlines()) == 1
-    assert "untied_seed1 is not empty and is not a cae run directory" in err
-    assert sorted(p.name for p in foreign.rglob("*")) == ["notes.txt", "untied_seed1"]
+    assert "code32_untied_seed1 is not empty and is not a cae run directory" in err
+    assert sorted(p.name for p in foreign.rglob("*")) == ["code32_untied_seed1", "notes.txt"]
 
 
 def test_cli_in_a_child_process_has_no_traceback(tmp_path):

@@ -213,3 +213,24 @@ def test_tied_fully_connected_bottleneck_shares_one_matrix():
                                                                                      16)
     np.testing.assert_allclose(first, want, rtol=1e-5, atol=1e-5)
     assert model.apply(variables, code, method="decode").shape == (2, 28, 28, 1)
+
+
+def test_code_size_is_the_hand_spelt_fully_connected_conv():
+    """model.code_size=K is the layer a user could spell by hand (one more feature, kernel = the
+    last map, stride 1, padding 0): the same parameter tree, initial values and outputs."""
+    short = config.from_dict({"model": {"features": [8, 16], "code_size": 10}})
+    spelt = config.from_dict({"model": {"features": [8, 16, 10], "kernel_size": [3, 3, 7],
+                                        "strides": [2, 2, 1], "padding": [1, 1, 0]}})
+    x = jax.random.uniform(jax.random.key(1), (3, 28, 28, 1))
+    outputs = []
+    for cfg in (short, spelt):
+        model = train.build_model(cfg)
+        variables = model.init(jax.random.key(0), x)
+        outputs.append((variables, model.apply(variables, x),
+                        model.apply(variables, x, method="encode")))
+    (v1, y1, c1), (v2, y2, c2) = outputs
+    assert jax.tree.structure(v1) == jax.tree.structure(v2)
+    for a, b in zip(jax.tree.leaves(v1), jax.tree.leaves(v2)):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(y1, y2)
+    assert c1.shape == c2.shape == (3, 1, 1, 10)
