@@ -266,6 +266,7 @@ def run_sweep(base: Config, ablation: AblationConfig,
     runs = plan_runs(base, ablation)
     statuses = check_run_dirs(base, runs)
     n = len(runs)
+    dataset = None  # every run trains on base.data: loaded once, when the first run needs it
     for i, (run, status) in enumerate(zip(runs, statuses), 1):
         where = f"[{i}/{n}] {run.name}"
         if status == "reuse":
@@ -273,7 +274,8 @@ def run_sweep(base: Config, ablation: AblationConfig,
             continue
         log(f"{where}: {_DOING[status]} in {run.dir}")
         t0 = time.perf_counter()
-        summary = train.train_and_evaluate(run.cfg, run.dir)
+        dataset = train.load_data(base) if dataset is None else dataset
+        summary = train.train_and_evaluate(run.cfg, run.dir, dataset)
         log(f"{where}: done in {time.perf_counter() - t0:.1f} s, test_mse "
             f"{summary['test_mse']:.5f}, {summary['num_params']} params")
     return runs

@@ -297,18 +297,26 @@ def _progress(cfg: Config, total: int, desc: str):
     return tqdm(total=total, desc=desc, disable=disable, leave=False, dynamic_ncols=True)
 
 
-def train_and_evaluate(cfg: Config, workdir: str | os.PathLike | None = None) -> dict:
+def load_data(cfg: Config) -> data_lib.Dataset:
+    """The splits ``cfg.data`` names, in memory. Raises DataError."""
+    return data_lib.load_dataset(cfg.data.name, cfg.data.data_dir, cfg.data.manual_dir,
+                                 cfg.data.max_train_examples)
+
+
+def train_and_evaluate(cfg: Config, workdir: str | os.PathLike | None = None,
+                       dataset: data_lib.Dataset | None = None) -> dict:
     """Run (or resume) the experiment in ``workdir`` (default ``cfg.output.dir``).
 
-    Returns the summary dict, also written last to ``workdir/summary.json``.
+    ``dataset``: ``load_data(cfg)`` done already (a sweep of runs on the same data loads it
+    once); None loads it here. Returns the summary dict, also written last to
+    ``workdir/summary.json``.
     Raises ConfigError / DataError / RunDirError for user mistakes, TrainingDiverged on NaN.
     """
     t_start = time.perf_counter()
     if workdir is not None:
         cfg = dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, dir=str(workdir)))
     run_dir = Path(cfg.output.dir)
-    ds = data_lib.load_dataset(cfg.data.name, cfg.data.data_dir, cfg.data.manual_dir,
-                               cfg.data.max_train_examples)
+    ds = load_data(cfg) if dataset is None else dataset
     mesh = make_mesh()
     _check_geometry(cfg, ds.image_shape, len(ds.train), mesh.size)
     batch_size = cfg.train.batch_size

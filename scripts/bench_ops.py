@@ -23,18 +23,23 @@ otherwise drop it. Methods:
                 if ``import torch`` works and ``--no-torch`` is not given; threads = JAX's cores
 
 Shapes (NHWC, kernels HWIO = the forward conv's ``[kh, kw, C_in, C_out]``), kernel 3, stride 2,
-padding 1, 28x28x1 MNIST, at ``--batch`` B: the decoder of the default model
-(``configs/mnist_tied.yaml``, features [32, 128]: encoder 28 -> 14 -> 7), of the bottleneck model
-(``configs/mnist_tied_bottleneck.yaml``, features [32, 64, 16]: 28 -> 14 -> 7 -> 4), and a larger
-layer:
+padding 1 unless said, 28x28x1 MNIST, at ``--batch`` B: the decoder of the default model
+(``configs/mnist_tied.yaml``, features [32, 64, 128] and a 32-number fully connected code), of
+the wide model (``configs/mnist_tied_wide.yaml``, features [32, 128]: 28 -> 14 -> 7), of the
+bottleneck model (``configs/mnist_tied_bottleneck.yaml``, features [32, 64, 16]:
+28 -> 14 -> 7 -> 4), and a larger layer:
 
-* wide2 y [B, 7, 7, 128],  K [3, 3, 32, 128] -> [B, 14, 14, 32] (output_padding 1; default model)
+* wide2 y [B, 7, 7, 128],  K [3, 3, 32, 128] -> [B, 14, 14, 32] (output_padding 1; wide model)
 * dec1  y [B, 4, 4, 16],   K [3, 3, 64, 16] -> [B, 7, 7, 64]    (output_padding 0; bottleneck)
-* dec2  y [B, 7, 7, 64],   K [3, 3, 32, 64] -> [B, 14, 14, 32]  (output_padding 1; bottleneck)
-* dec3  y [B, 14, 14, 32], K [3, 3, 1, 32]  -> [B, 28, 28, 1]   (output_padding 1; both models)
+* dec2  y [B, 7, 7, 64],   K [3, 3, 32, 64] -> [B, 14, 14, 32]  (output_padding 1; 2 models)
+* dec3  y [B, 14, 14, 32], K [3, 3, 1, 32]  -> [B, 28, 28, 1]   (output_padding 1; all 3)
 * large y [B/4, 16, 16, 64], K [4, 4, 64, 64] -> [B/4, 32, 32, 64] (k=4, s=2, p=1)
-* decoder     wide2 -> relu -> dec3 as one jitted step (the default model's decoder)
-* decoder_bn  dec1 -> relu -> dec2 -> relu -> dec3 as one jitted step
+* fc32  y [B, 1, 1, 32],    K [4, 4, 128, 32] -> [B, 4, 4, 128]  (the default's code: W^T)
+* deep3 y [B, 4, 4, 128],  K [3, 3, 64, 128] -> [B, 7, 7, 64]   (output_padding 0; default)
+* decoder      fc32 -> relu -> deep3 -> relu -> dec2 -> relu -> dec3 as one jitted step (the
+               default model's decoder, ``configs/mnist_tied.yaml``)
+* decoder_wide wide2 -> relu -> dec3 (``configs/mnist_tied_wide.yaml``'s decoder)
+* decoder_bn   dec1 -> relu -> dec2 -> relu -> dec3
 
 Every JAX method is compiled with ``cae.ops.compile_fast`` (on CPU: XLA's own convolutions
 instead of YNNPACK's, as ``cae.train`` compiles its programs); ``--xla-default`` compiles them
@@ -114,8 +119,13 @@ def problems(batch):
         "dec2": layer("dec2", batch, (14, 14), 32, 64, 3, 2, 1),
         "dec3": layer("dec3", batch, (28, 28), 1, 32, 3, 2, 1),  # the last layer of both
         "large": layer("large", max(1, batch // 4), (32, 32), 64, 64, 4, 2, 1),
+        # configs/mnist_tied.yaml (features [32, 64, 128], code_size 32): the code's W^T, a
+        # 4x4 kernel covering its 4x4x128 input ("auto" runs it as one GEMM), then 4 -> 7.
+        "fc32": layer("fc32", batch, (4, 4), 128, 32, 4, 1, 0),
+        "deep3": layer("deep3", batch, (7, 7), 64, 128, 3, 2, 1),
     }
-    steps = {"decoder": ("wide2", "dec3"), "decoder_bn": ("dec1", "dec2", "dec3")}
+    steps = {"decoder_wide": ("wide2", "dec3"), "decoder_bn": ("dec1", "dec2", "dec3"),
+             "decoder": ("fc32", "deep3", "dec2", "dec3")}
     return layers, steps
 
 

@@ -21,13 +21,14 @@ def _run(args, env=None):
 def test_bench_ops_runs_and_checks_every_impl():
     out = _run(["scripts/bench_ops.py", "--batch", "8", "--reps", "1", "--no-torch",
                 "--impls", "auto,lax,subpixel,phase,autodiff"])
-    names = {"wide2", "dec1", "dec2", "dec3", "large", "decoder", "decoder_bn"}
+    names = {"wide2", "dec1", "dec2", "dec3", "large", "fc32", "deep3", "decoder", "decoder_wide",
+             "decoder_bn"}
     rows = {line.split()[0]: line for line in out.splitlines() if line.split()[:1] and
             line.split()[0] in names and line.split()[1] != "sum"}
     assert set(rows) == names
     assert all(line.count(" ms (") == 5 for line in rows.values())  # one cell per method
-    sums = [line for line in out.splitlines() if re.match(r"^decoder(_bn)? sum\s", line)]
-    assert len(sums) == 2 and all(line.count(" ms (") == 5 for line in sums)
+    sums = [line for line in out.splitlines() if re.match(r"^decoder(_bn|_wide)? sum\s", line)]
+    assert len(sums) == 3 and all(line.count(" ms (") == 5 for line in sums)
 
 
 def test_bench_ops_problems_subset_and_paired_ratios():
@@ -54,7 +55,8 @@ def test_bench_ops_rejects_unknown_problem():
     proc = subprocess.run([PYTHON, "scripts/bench_ops.py", "--problems", "large,nope"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert "unknown ['nope']; allowed: wide2, dec1, dec2, dec3, large, decoder" in proc.stderr
+    assert ("unknown ['nope']; allowed: wide2, dec1, dec2, dec3, large, fc32, deep3, "
+            "decoder_wide, decoder_bn, decoder") in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
