@@ -238,6 +238,23 @@ def unit_decodes_figure(images: np.ndarray, title: str | None = None,
 __all__ += ["ablation_figure", "save_ablation"]
 
 
+def _mean_with_band(ax, x: np.ndarray, values: np.ndarray, color: str, label: str,
+                    band_label: str | None = None) -> None:
+    """values: [S, len(x)], one row per seed: the mean as a line, the min-to-max as a band."""
+    values = np.asarray(values, np.float64)
+    ax.plot(x, values.mean(axis=0), "o-", color=color, label=label)
+    ax.fill_between(x, values.min(axis=0), values.max(axis=0), color=color, alpha=0.25,
+                    linewidth=0, label=band_label)
+
+
+def _log_mse_axis(ax, title: str) -> None:
+    ax.set_yscale("log")
+    ax.set_ylabel("test MSE (per pixel, log scale)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize="small")
+
+
 def ablation_figure(epochs: np.ndarray, curves: dict[str, np.ndarray],
                     final_mse: dict[str, np.ndarray], num_params: dict[str, np.ndarray],
                     title: str | None = None) -> Figure:
@@ -252,21 +269,14 @@ def ablation_figure(epochs: np.ndarray, curves: dict[str, np.ndarray],
     left, right = fig.subplots(1, 2)
     for i, (variant, curve) in enumerate(curves.items()):
         color = f"C{i}"
-        curve = np.asarray(curve, np.float64)
-        left.plot(epochs, curve.mean(axis=0), "o-", color=color,
-                  label=f"{variant} (mean of {curve.shape[0]})")
-        left.fill_between(epochs, curve.min(axis=0), curve.max(axis=0), color=color, alpha=0.25,
-                          linewidth=0, label=f"{variant} min-max over seeds")
+        _mean_with_band(left, epochs, curve, color, f"{variant} (mean of {len(curve)})",
+                        f"{variant} min-max over seeds")
         x, y = np.asarray(num_params[variant]), np.asarray(final_mse[variant], np.float64)
         right.scatter(x, y, color=color, alpha=0.8, label=f"{variant}: one point per seed")
         right.scatter([x.mean()], [y.mean()], marker="_", s=600, color=color, linewidths=2)
-    left.set_yscale("log")
+    _log_mse_axis(left, "test MSE per epoch")
     left.set_xticks(epochs)
     left.set_xlabel("epoch (0 = before training)" if 0 in epochs else "epoch")
-    left.set_ylabel("test MSE (per pixel, log scale)")
-    left.set_title("test MSE per epoch")
-    left.grid(True, which="both", alpha=0.3)
-    left.legend(fontsize="small")
     right.set_xlabel("parameters")
     right.set_ylabel("final test MSE (per pixel)")
     right.set_title("final test MSE vs parameter count (bar: mean)")
@@ -313,10 +323,8 @@ def rate_distortion_figure(code_sizes: np.ndarray, final_mse: dict[str, np.ndarr
     for i, (variant, mse) in enumerate(final_mse.items()):
         mse = np.asarray(mse, np.float64)
         color = f"C{i}"
-        left.plot(sizes, mse.mean(axis=0), "o-", color=color,
-                  label=f"{variant} (mean of {mse.shape[0]} seed{'s' * (mse.shape[0] > 1)})")
-        left.fill_between(sizes, mse.min(axis=0), mse.max(axis=0), color=color, alpha=0.25,
-                          linewidth=0)
+        _mean_with_band(left, sizes, mse, color,
+                        f"{variant} (mean of {len(mse)} seed{'s' * (len(mse) > 1)})")
         right.plot(sizes, pca / mse.mean(axis=0), "o-", color=color, label=variant)
     if np.any(np.isfinite(pca)):
         left.plot(sizes, pca, "s--", color="0.4", label="PCA, as many components")
@@ -326,11 +334,9 @@ def rate_distortion_figure(code_sizes: np.ndarray, final_mse: dict[str, np.ndarr
         ax.set_xticks(sizes, [f"{int(k)}" for k in sizes])
         ax.minorticks_off()
         ax.set_xlabel("code size (numbers per image)")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize="small")
-    left.set_yscale("log")
-    left.set_ylabel("test MSE (per pixel, log scale)")
-    left.set_title("rate-distortion (band: min-max over seeds)")
+    _log_mse_axis(left, "rate-distortion (band: min-max over seeds)")
+    right.grid(True, which="both", alpha=0.3)
+    right.legend(fontsize="small")
     right.set_ylim(bottom=0)
     right.yaxis.set_major_formatter("{x:g}x")
     right.set_ylabel("PCA's test MSE / variant's (> 1: better than PCA)")
