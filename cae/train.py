@@ -253,10 +253,17 @@ class EvalSet:
         self.valid = put(valid.reshape(s, b), mesh, P(None, BATCH_AXIS))
 
 
-def evaluate(state: TrainState, test: EvalSet) -> float:
+def evaluate(state: TrainState, test: EvalSet, program=None) -> float:
     """Mean per-pixel squared error over *all* of the split (pixels in [0, 1]); no test example
-    is skipped. One compiled call."""
-    return float(_sum_squared_errors(state, test.batches, test.valid)) / test.num_examples
+    is skipped. One compiled call: ``program`` (from ``compile_evaluation``) or the plain jit."""
+    run = _sum_squared_errors if program is None else program
+    return float(run(state, test.batches, test.valid)) / test.num_examples
+
+
+def compile_evaluation(state: TrainState, test: EvalSet):
+    """``evaluate``'s program for this state and split, compiled as the training step is
+    (``ops.compile_fast``: on CPU ~2x faster than XLA's default compile of the same program)."""
+    return ops.compile_fast(_sum_squared_errors.lower(state, test.batches, test.valid))
 
 
 def psnr(mse: float) -> float:
@@ -348,7 +355,9 @@ def train_and_evaluate(cfg: Config, workdir: str | os.PathLike | None = None,
 
     writer = SummaryWriter(str(run_dir / "tensorboard"),
                            purge_step=int(state.step) if resume else None)
-    initial_mse = history[0]["initial_test_mse"] if history else evaluate(state, test_set)
+    eval_program = compile_evaluation(state, test_set)
+    initial_mse = (history[0]["initial_test_mse"] if history
+                   else evaluate(state, test_set, eval_program))
     steady_images, steady_time = 0, 0.0
     wall_before = history[-1]["wall_time_s"] if history else 0.0
     # Compile the training programs up front (one per chunk length: LOG_EVERY and the epoch's
@@ -385,7 +394,7 @@ def train_and_evaluate(cfg: Config, workdir: str | os.PathLike | None = None,
             timed_images = steps_per_epoch * batch_size
             bar.close()
             steady_images, steady_time = steady_images + timed_images, steady_time + epoch_time
-            test_mse = evaluate(state, test_set)
+            test_mse = evaluate(state, test_set, eval_program)
             record = {
                 "epoch": epoch, "step": int(state.step),
                 "train_loss": float(np.mean(np.concatenate(losses))),
