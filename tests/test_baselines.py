@@ -234,3 +234,44 @@ def test_code_size_is_the_hand_spelt_fully_connected_conv():
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(y1, y2)
     assert c1.shape == c2.shape == (3, 1, 1, 10)
+
+
+def _conv_operand_shapes(jaxpr) -> list[tuple]:
+    """(lhs shape, rhs shape) of every convolution in a jaxpr, sub-jaxprs (custom VJPs, scans)
+    included."""
+    from jax.extend.core import jaxprs_in_params
+
+    shapes = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "conv_general_dilated":
+            shapes.append(tuple(tuple(v.aval.shape) for v in eqn.invars[:2]))
+        for sub in jaxprs_in_params(eqn.params):
+            shapes += _conv_operand_shapes(sub)
+    return shapes
+
+
+def test_the_fully_connected_code_trains_as_gemms_not_convolutions():
+    """The loss and its gradient for model.code_size hold no convolution that touches the
+    code's kernel W [4, 4, 32, 10] (forward, transpose, both gradients are GEMMs), while the
+    strided convs remain; with the GEMM path switched off, those convolutions appear."""
+    cfg = config.from_dict({"model": {"features": [8, 16, 32], "code_size": 10}})
+    state = train.create_train_state(cfg, (28, 28, 1), 10)
+    images = jnp.zeros((4, 28, 28, 1), jnp.uint8)
+
+    def conv_shapes():
+        jaxpr = jax.make_jaxpr(jax.value_and_grad(train.loss_fn), static_argnums=(1, 3))(
+            state.params, state.apply_fn, images, "bce").jaxpr
+        return _conv_operand_shapes(jaxpr)
+
+    def touches_w(shapes):
+        return [s for s in shapes if s[1] in ((4, 4, 32, 10), (4, 4, 10, 32))]
+
+    gemm = conv_shapes()
+    assert not touches_w(gemm), gemm
+    assert any(rhs == (3, 3, 16, 32) for _, rhs in gemm)  # the strided convs are still convs
+    real = ops._covers_input
+    try:
+        ops._covers_input = lambda *args: False
+        assert touches_w(conv_shapes())  # the check can see the conv path when it is there
+    finally:
+        ops._covers_input = real

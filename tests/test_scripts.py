@@ -71,6 +71,15 @@ def test_bench_training_runs(subprocess_env):
     assert "whole epoch as one program: 32 steps" in out
 
 
+def test_bench_fc_code_times_both_programs():
+    out = _run(["scripts/bench_fc_code.py", "--steps", "2", "--rounds", "2",
+                "--set", "train.batch_size=8", "--set", "model.features=[8,16]",
+                "--set", "model.code_size=4"])
+    rates = dict(re.findall(r"^(gemm|conv)\s+([0-9.]+) ms/step", out, re.M))
+    assert set(rates) == {"gemm", "conv"} and all(float(v) > 0 for v in rates.values())
+    assert re.search(r"conv / gemm, paired by round: [0-9.]+x \[[0-9.]+-[0-9.]+\] over 2", out)
+
+
 @pytest.mark.slow
 def test_probe_baseline_of_an_untrained_model(subprocess_env):
     out = _run(["scripts/probe_baseline.py", "--config", "configs/smoke.yaml",
