@@ -79,12 +79,14 @@ def save_reconstructions(path: str | os.PathLike, originals: np.ndarray,
 
 
 def curves_figure(history: Sequence[dict], loss_name: str = "train loss",
-                  title: str | None = None) -> Figure:
+                  title: str | None = None, baseline: tuple[str, float] | None = None) -> Figure:
     """history: the records of ``metrics.jsonl`` (keys ``epoch``, ``train_loss``, ``test_mse``,
     optionally ``initial_test_mse``), one per epoch.
 
     Left: the mean train loss per epoch; right: the test MSE per epoch (log scale; the untrained
-    model's MSE at epoch 0 when the records carry it). Two panels, because the units differ.
+    model's MSE at epoch 0 when the records carry it), with ``baseline`` = (name, test MSE),
+    e.g. PCA with as many components as the code has numbers, as a dashed line. Two panels,
+    because the units differ.
     """
     epochs = np.array([r["epoch"] for r in history], float)
     train_loss = np.array([r["train_loss"] for r in history], float)
@@ -100,9 +102,13 @@ def curves_figure(history: Sequence[dict], loss_name: str = "train loss",
     right.set_yscale("log")  # the untrained model's MSE is ~100x the trained one's
     right.set_title("test MSE (whole test split)")
     right.set_ylabel("mean squared error per pixel")
+    if baseline is not None:
+        right.axhline(baseline[1], color="0.4", linestyle="--",
+                      label=f"{baseline[0]}: {baseline[1]:.4g}")
+        right.legend(fontsize="small")
     for ax, xs, ys in ((left, epochs, train_loss), (right, test_epochs, test_mse)):
         # The values themselves, so the picture can be read without the metrics file.
-        shown = range(len(xs)) if len(xs) <= 10 else [len(xs) - 1]
+        shown = range(len(xs)) if len(xs) <= 6 else [0, len(xs) - 1]  # more would overlap
         for i in shown:
             ax.annotate(f"{ys[i]:.4g}", (xs[i], ys[i]), textcoords="offset points",
                         xytext=(4, 5), fontsize=8)

@@ -430,15 +430,19 @@ def _finish(cfg, state, ds, history, run_dir, writer, steady_images, steady_time
     originals = ds.test[:n]
     recon = np.asarray(eval_step(state, originals)[1])
     final = history[-1]
+    code_size, pca = pca_baseline(cfg, ds, probe=cfg.train.linear_probe)
+    against = "" if pca is None else f" (PCA with {code_size} components: {pca.test_mse:.4f})"
     plots.save_reconstructions(
         run_dir / "reconstructions.png", data_lib.normalize(originals), recon,
-        title=f"{ds.name}, {'tied' if cfg.model.tied else 'untied'}: test MSE "
-              f"{final['test_mse']:.4f} after {cfg.train.epochs} epochs")
+        title=f"{ds.name}, {'tied' if cfg.model.tied else 'untied'}, code of {code_size} "
+              f"numbers: test MSE {final['test_mse']:.4f}{against} after {cfg.train.epochs} "
+              "epochs")
     writer.add_images("test/reconstructions", np.concatenate(
         [data_lib.normalize(originals), recon]), int(state.step), dataformats="NHWC")
     plots.save_figure(run_dir / "curves.png", plots.curves_figure(
         history, loss_name=f"train loss ({cfg.train.loss.upper()})",
-        title=f"{ds.name}, {'tied' if cfg.model.tied else 'untied'}"))
+        title=f"{ds.name}, {'tied' if cfg.model.tied else 'untied'}",
+        baseline=None if pca is None else (f"PCA, {code_size} components", pca.test_mse)))
     probe_acc = None
     if cfg.train.linear_probe:  # frozen codes of the train split -> classifier -> test split
         print(f"linear probe: logistic regression on the codes of {len(ds.train)} train images "
@@ -447,8 +451,6 @@ def _finish(cfg, state, ds, history, run_dir, writer, steady_images, steady_time
                                         cfg.train.eval_batch_size, seed=cfg.train.seed)
         if probe_acc is not None:
             writer.add_scalar("test/linear_probe_acc", probe_acc, int(state.step))
-    code_size = int(np.prod(code_shape(cfg, ds.image_shape)))
-    pca = _pca_baseline(cfg, ds, code_size)
     if steady_time <= 0:  # every epoch came from a checkpoint: report what they measured
         ips = [r["images_per_sec"] for r in history if r["images_per_sec"] > 0]
         images_per_sec = float(np.mean(ips)) if ips else 0.0
@@ -482,17 +484,19 @@ def _finish(cfg, state, ds, history, run_dir, writer, steady_images, steady_time
     return summary
 
 
-def _pca_baseline(cfg: Config, ds: data_lib.Dataset, code_size: int):
-    """PCA with ``code_size`` components on the same splits (cached per machine); None when the
-    code is not smaller than an image (then nothing is compressed and there is no baseline)."""
+def pca_baseline(cfg: Config, ds: data_lib.Dataset, probe: bool = False):
+    """-> (code_size, PCA with code_size components on the same splits, or None when the code is
+    not smaller than an image: then nothing is compressed and there is no baseline). Cached per
+    machine (``cae.baselines``); ``probe``: with the linear probe of the PCA codes."""
+    code_size = int(np.prod(code_shape(cfg, ds.image_shape)))
     if code_size >= int(np.prod(ds.image_shape)):
-        return None
+        return code_size, None
     t0 = time.perf_counter()
-    result = baselines.pca_baseline(ds, code_size, probe=cfg.train.linear_probe)
+    result = baselines.pca_baseline(ds, code_size, probe=probe)
     if time.perf_counter() - t0 > 1.0:  # computed, not read from the cache
         print(f"PCA baseline with {code_size} components in {time.perf_counter() - t0:.1f} s "
               f"(cached in {baselines.cache_dir()})", flush=True)
-    return result
+    return code_size, result
 
 
 def summary_line(summary: dict) -> str:

@@ -67,6 +67,11 @@ def test_curves_figure_plots_the_history():
     assert right.get_yscale() == "log" and left.get_yscale() == "linear"
     assert left.get_xlabel() == right.get_xlabel() == "epoch"
     assert left.get_ylabel() == "train loss (BCE)" and "squared error" in right.get_ylabel()
+    # With a baseline (cae.train passes PCA with as many components): a dashed line at its MSE.
+    fig = plots.curves_figure(history, baseline=("PCA, 32 components", 0.0152))
+    baseline = [ln for ln in fig.axes[1].get_lines() if ln.get_linestyle() == "--"]
+    assert len(baseline) == 1 and set(baseline[0].get_ydata()) == {0.0152}
+    assert baseline[0].get_label() == "PCA, 32 components: 0.0152"
 
 
 @pytest.mark.parametrize("c_in", [1, 3])
