@@ -470,7 +470,7 @@ def _variant_section(rows: Sequence[dict], heading: str) -> list[str]:
     pca_mse, pca_acc = _pca_value(rows, "pca_test_mse"), _pca_value(rows, "pca_probe_acc")
     lines = [
         "| variant | n | parameters | " + " | ".join(title for _, title, _ in _MD_METRICS)
-        + " | MSE lower than PCA by |",
+        + " | PCA's MSE / this MSE |",
         "|---" * (4 + len(_MD_METRICS)) + "|",
     ]
     for variant in ("tied", "untied"):
@@ -502,8 +502,8 @@ def _variant_section(rows: Sequence[dict], heading: str) -> list[str]:
 
 def _overview(rows: Sequence[dict]) -> list[str]:
     """Rate-distortion table: one line per code size, tied and untied against PCA."""
-    lines = ["| code size | PCA test MSE | tied test MSE | untied test MSE | tied vs PCA | "
-             "untied vs PCA | PCA probe | tied probe | untied probe | untied - tied (MSE) | "
+    lines = ["| code size | PCA test MSE | tied test MSE | untied test MSE | PCA's MSE / tied's | "
+             "PCA's MSE / untied's | PCA probe | tied probe | untied probe | untied - tied (MSE) | "
              "Welch p | difference beyond seed spread? |", "|---" * 12 + "|"]
     for k in _sizes(rows):
         sub = [r for r in rows if r["code_size"] == k]
@@ -513,8 +513,8 @@ def _overview(rows: Sequence[dict]) -> list[str]:
         judged = {None: "cannot judge (1 seed)", True: "yes", False: "no"}[c.significant]
         lines.append(
             f"| {k} | {'n/a' if pca is None else f'{pca:.6f}'} | {_mean_std(mse['tied'], '.6f')} "
-            f"| {_mean_std(mse['untied'], '.6f')} | {_ratio(pca, mse['tied'])} lower | "
-            f"{_ratio(pca, mse['untied'])} lower | "
+            f"| {_mean_std(mse['untied'], '.6f')} | {_ratio(pca, mse['tied'])} | "
+            f"{_ratio(pca, mse['untied'])} | "
             f"{'n/a' if pca_acc is None else f'{pca_acc:.4f}'} | {_mean_std(acc['tied'], '.4f')} "
             f"| {_mean_std(acc['untied'], '.4f')} | {c.diff:+.3g} | "
             f"{'n/a' if math.isnan(c.p) else f'{c.p:.3g}'} | {judged} |")
@@ -630,8 +630,9 @@ def main(argv: list[str] | None = None) -> int:
     for k in _sizes(rows):
         sub = [r for r in rows if r["code_size"] == k]
         mse, pca = _by_variant(sub, "test_mse"), _pca_value(sub, "pca_test_mse")
-        against = ("" if pca is None else f" PCA-{k} {pca:.5f}; tied {_ratio(pca, mse['tied'])} "
-                   f"and untied {_ratio(pca, mse['untied'])} lower.")
+        against = ("" if pca is None else f" PCA-{k} {pca:.5f}; PCA's MSE / tied's "
+                   f"{_ratio(pca, mse['tied'])}, / untied's {_ratio(pca, mse['untied'])} (> 1: "
+                   "better than PCA).")
         print(f"code of {k} numbers:{against} {verdict(compare(mse['tied'], mse['untied']))}")
     return 0
 

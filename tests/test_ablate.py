@@ -383,7 +383,7 @@ def test_small_sweep_end_to_end(capsys, mnist_dirs, mnist, tmp_path, monkeypatch
         assert ("exceeds the seed-to-seed spread" in mse_verdict) == (p < 0.05)
         overview = md.split("## Test MSE against code size", 1)[1].split("\n## ", 1)[0]
         assert f"| {k} | {pca[int(k)]:.6f} | {a.mean():.6f} ± {np.std(a, ddof=1):.6f} |" in overview
-    assert f"code of 4 numbers: PCA-4 {pca[4]:.5f}; tied " in stdout  # the final lines
+    assert f"code of 4 numbers: PCA-4 {pca[4]:.5f}; PCA's MSE / tied's " in stdout  # last lines
 
     # ablation.png: a real PNG of the rate-distortion plot.
     from matplotlib import image
