@@ -206,6 +206,10 @@ def load_dataset(name: str = "mnist", data_dir: str | None = None,
     if "train" not in splits or "test" not in splits:
         raise DataError(f"data.name={name!r}: needs 'train' and 'test' splits, has "
                         f"{sorted(splits.keys())}")
+    available = splits["train"].num_examples
+    if max_train_examples is not None and max_train_examples > available:
+        raise DataError(f"data.max_train_examples={max_train_examples}: {name!r} has only "
+                        f"{available} training examples; use at most {available}, or null for all")
     train_split = "train" if max_train_examples is None else f"train[:{max_train_examples}]"
     label_key = _label_key(builder)
     arrays, labels = {}, {}

@@ -277,6 +277,10 @@ def _check_geometry(cfg: Config, image_shape, num_train: int, num_devices: int =
     if cfg.train.batch_size > num_train:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size}: larger than the "
                           f"{num_train} training examples")
+    total_steps = num_train // cfg.train.batch_size * cfg.train.epochs
+    if total_steps > config_lib.INT_MAX:  # the step counter is an int32
+        raise ConfigError(f"train.epochs={cfg.train.epochs}: {total_steps} steps in all, more "
+                          f"than the step counter holds ({config_lib.INT_MAX})")
     if cfg.train.batch_size % num_devices:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size}: must be a multiple of the "
                           f"number of devices ({num_devices}); each device takes an equal share")
@@ -360,8 +364,7 @@ def train_and_evaluate(cfg: Config, workdir: str | os.PathLike | None = None) ->
                     bad = int(np.argmin(np.isfinite(chunk)))
                     raise TrainingDiverged(
                         f"train loss became {chunk[bad]} at epoch {epoch}, step {start + bad + 1}; "
-                        f"stopped. Last good checkpoint: epoch {epoch - 1} in {run_dir}; try a "
-                        "lower train.learning_rate")
+                        f"stopped. {_last_good(epoch, run_dir)}; try a lower train.learning_rate")
                 writer.add_scalar("train/loss", float(chunk[-1]), int(state.step))
                 bar.set_postfix(loss=f"{chunk[-1]:.4f}")
                 bar.update(length)
@@ -393,6 +396,13 @@ def train_and_evaluate(cfg: Config, workdir: str | os.PathLike | None = None) ->
         writer.close()
         ckpt.close()
     return summary
+
+
+def _last_good(epoch: int, run_dir: Path) -> str:
+    """Where a diverged run can be taken up again (epoch 1 has no checkpoint before it)."""
+    if epoch <= 1:
+        return f"No checkpoint was written (it diverged in epoch 1); {run_dir} can be reused"
+    return f"Last good checkpoint: epoch {epoch - 1} in {run_dir}"
 
 
 def state_tree(state: TrainState) -> dict:
