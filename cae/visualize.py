@@ -166,9 +166,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         written = visualize(args.run_dir, args.out)
-    except (VisualizeError, ConfigError, data_lib.DataError) as e:
+    except (VisualizeError, ConfigError, data_lib.DataError, rundir.RunDirError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # --out (or RUN_DIR) read-only, disk full, ...: as cae.train, exit 3
+        print(f"error: {rundir.storage_error_message(e)}", file=sys.stderr)
+        return 3
     print(f"wrote {', '.join(p.name for p in written)} to {written[0].parent}")
     return 0
 
