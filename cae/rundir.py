@@ -8,12 +8,15 @@ process killed mid-save leaves the previous checkpoint as the latest one.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
+import logging
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -83,6 +86,11 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it 0600; give it a normal file's mode
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        if e.filename is None:  # a failed write() names no file; the error should
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -204,6 +212,21 @@ def prepare_run_dir(run_dir: str | os.PathLike, resolved: dict, overwrite: bool)
     return False
 
 
+@contextlib.contextmanager
+def _quiet_background_failures():
+    """While orbax saves: its writer threads log each failure (with a traceback) before the
+    save raises it in this thread, where it becomes our one line. Keep the one line."""
+    absl_logger = logging.getLogger("absl")
+    level, hook = absl_logger.level, sys.unraisablehook
+    absl_logger.setLevel(logging.CRITICAL)
+    sys.unraisablehook = lambda unraisable: None  # TensorStore's callbacks report through it
+    try:
+        yield
+    finally:
+        absl_logger.setLevel(level)
+        sys.unraisablehook = hook
+
+
 class RunLock:
     """An exclusive ``flock`` on ``run_dir/.cae.lock``, held until :meth:`release` (or the
     process ends: the kernel drops the locks of dead processes, so kill -9 never blocks a rerun).
@@ -287,18 +310,41 @@ class Checkpointer:
         """Save and wait until committed: after this returns, a SIGKILL cannot lose it."""
         import orbax.checkpoint as ocp
 
-        try:
-            self.manager.save(epoch, args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                history=ocp.args.JsonSave({"metrics": history}),
-            ))
-            self.manager.wait_until_finished()
-        except Exception as e:
-            reason = storage_error_message(e)
-            if reason is None:
-                raise
-            raise StorageError(f"saving the checkpoint of epoch {epoch} in {self.directory} "
-                               f"failed: {reason}") from None
+        self._check_room(epoch, state)
+        with _quiet_background_failures():
+            try:
+                self.manager.save(epoch, args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state),
+                    history=ocp.args.JsonSave({"metrics": history}),
+                ))
+                self.manager.wait_until_finished()
+            except Exception as e:
+                reason = storage_error_message(e)
+                if reason is None:
+                    raise
+                time.sleep(1.0)  # let the other writer threads fail quietly, too
+                raise StorageError(f"saving the checkpoint of epoch {epoch} in "
+                                   f"{self.directory} failed: {reason}") from None
+
+    def _check_room(self, epoch: int, state: Any) -> None:
+        """Refuse to start a save that cannot fit (twice the arrays' bytes, or the last
+        checkpoint's size, plus 1 MiB of metadata): orbax's many writer threads would each
+        report the full disk at length before the error reaches us."""
+        import jax
+
+        arrays = sum(getattr(x, "nbytes", 0) for x in jax.tree.leaves(state))
+        latest = self.latest_epoch()
+        last = (sum(p.stat().st_size for p in (self.directory / str(latest)).rglob("*")
+                    if p.is_file()) if latest is not None else 0)
+        need = max(2 * arrays, last) + 2**20
+        where = self.directory if self.directory.is_dir() else self.directory.parent
+        free = shutil.disk_usage(where).free
+        if free < need:
+            raise StorageError(
+                f"saving the checkpoint of epoch {epoch} in {self.directory} failed: "
+                f"{os.strerror(errno.ENOSPC)} ({free / 2**20:.1f} MiB free, about "
+                f"{need / 2**20:.1f} MiB needed); free some space and run the same command "
+                "again to resume")
 
     def restore(self, epoch: int, abstract_state: Any) -> tuple[Any, list[dict]]:
         """``abstract_state``: a pytree of arrays or ShapeDtypeStructs giving the structure."""

@@ -422,13 +422,25 @@ def train_and_evaluate(cfg: Config, workdir: str | os.PathLike | None = None) ->
         summary = _finish(cfg, state, ds, history, out_dir, writer, steady_images, steady_time,
                           wall_before + time.perf_counter() - t_start)
     finally:
-        writer.close()
+        _close_events(writer)
         ckpt.close()
         if lock is not None:
             lock.release()
         if out_dir != run_dir:
             shutil.rmtree(out_dir, ignore_errors=True)
     return summary
+
+
+def _close_events(writer) -> None:
+    """Close the TensorBoard writer. If the storage refuses its last events (disk full), drop
+    them: the run's own error says what happened, and tensorboardX would otherwise retry at
+    exit and print a traceback."""
+    try:
+        writer.close()
+    except OSError:
+        events = getattr(getattr(writer, "file_writer", None), "event_writer", None)
+        if events is not None:  # tensorboardX's own "closed" flag: no retry at exit
+            events._closed = True
 
 
 def _last_good(epoch: int, run_dir: Path) -> str:
@@ -556,5 +568,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def exit_with(code: int) -> None:
+    """Exit with ``code``; after a storage failure, without the exit handlers, which would
+    retry the writes that just failed (TensorBoard's, orbax's) and print their tracebacks
+    after our one line."""
+    if code != EXIT_STORAGE:
+        sys.exit(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

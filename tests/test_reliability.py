@@ -215,22 +215,37 @@ def test_read_only_output_dir_is_one_line_and_exit_3(capsys, mnist_dirs, tmp_pat
         assert code == 3 and str(ro / "pictures") in line
 
 
+def _cli(env, run_dir, *overrides, precheck: bool = True) -> subprocess.CompletedProcess:
+    """``python -m cae.train`` in a child process: its whole stderr, exit handlers included.
+    ``precheck=False``: without the free-space check before a save, so that orbax itself runs
+    into the full disk."""
+    argv = [sys.executable, "-m", "cae.train", "--config", str(SMOKE)]
+    if not precheck:
+        argv[1:3] = ["-c", "import sys; from cae import rundir, train; "
+                           "rundir.Checkpointer._check_room = lambda *a: None; "
+                           "train.exit_with(train.main(sys.argv[1:]))"]
+    for s in [f"output.dir={run_dir}", *TINY, *overrides]:
+        argv += ["--set", s]
+    return subprocess.run(argv, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
 @pytest.mark.slow
-def test_disk_full_while_checkpointing_is_one_line_and_the_rerun_finishes(capsys, mnist_dirs,
-                                                                          tmp_path):
-    with _tmpfs(tmp_path / "small", "size=256k") as disk:
+@pytest.mark.parametrize("precheck", [True, False], ids=["before_the_save", "during_the_save"])
+def test_disk_full_while_checkpointing_is_one_line_and_the_rerun_finishes(subprocess_env,
+                                                                          tmp_path, precheck):
+    with _tmpfs(tmp_path / "small", "size=8m") as disk:
         filler = disk / "filler"
         # Leave room for config.yaml, metrics.jsonl and TensorBoard's first events, not for a
-        # checkpoint (~40 kB).
-        filler.write_bytes(b"\0" * (256 - 24) * 1024)
-        code, _, err = _main(capsys, mnist_dirs, disk / "run")
-        assert code == 3, err
-        line = _one_error_line(err)
+        # checkpoint (~60 kB in 4 kB pages).
+        filler.write_bytes(b"\0" * (8192 - 24) * 1024)
+        full = _cli(subprocess_env, disk / "run", precheck=precheck)
+        assert full.returncode == 3, full.stderr
+        line = _one_error_line(full.stderr)
         assert "No space left on device" in line and "checkpoint of epoch 1" in line
         assert not (disk / "run" / "summary.json").exists()
         filler.unlink()  # space again: the same command finishes the run
-        code, out, err = _main(capsys, mnist_dirs, disk / "run")
-        assert code == 0, err
+        again = _cli(subprocess_env, disk / "run")
+        assert again.returncode == 0, again.stderr
         assert (disk / "run" / "summary.json").exists()
         assert not list((disk / "run" / "checkpoints").glob("*.orbax-checkpoint-tmp*"))
 
