@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import itertools
 import json
 import logging
 import os
@@ -264,9 +265,15 @@ class RunLock:
 class Checkpointer:
     """Orbax checkpoints of ``{"state": pytree, "history": json}`` keyed by epoch number."""
 
-    def __init__(self, run_dir: str | os.PathLike, max_to_keep: int = 3):
+    def __init__(self, run_dir: str | os.PathLike, max_to_keep: int = 3,
+                 agree: Callable[[str], list[str]] = lambda outcome: [outcome],
+                 primary: bool = True):
+        """In a multi-process job every process makes one; ``agree`` shares each process's
+        outcome of a step with all (see ``cluster.all_outcomes``), so that they all take the
+        same branch; only the ``primary`` moves folders."""
         self.directory = Path(run_dir).absolute() / CHECKPOINT_DIR
         self.max_to_keep = max_to_keep
+        self._agree, self._primary = agree, primary
         self._manager = None
 
     @property
@@ -301,16 +308,27 @@ class Checkpointer:
         not deleted: it is the user's data); returns where it went."""
         damaged = self.directory.parent / DAMAGED_DIR
         damaged.mkdir(exist_ok=True)
-        target = damaged / f"{epoch}-{time.strftime('%Y%m%d-%H%M%S')}"
+        stamp = time.strftime('%Y%m%d-%H%M%S')
+        target = damaged / f"{epoch}-{stamp}"
+        for n in itertools.count(1):  # the same epoch set aside twice within a second
+            if not target.exists():
+                break
+            target = damaged / f"{epoch}-{stamp}-{n}"
         os.replace(self.directory / str(epoch), target)
-        self.close()  # the manager caches the steps it saw
         return target
 
     def save(self, epoch: int, state: Any, history: list[dict]) -> None:
         """Save and wait until committed: after this returns, a SIGKILL cannot lose it."""
         import orbax.checkpoint as ocp
 
-        self._check_room(epoch, state)
+        try:
+            self._check_room(epoch, state)
+            too_full = ""
+        except StorageError as e:
+            too_full = str(e)
+        failures = [f for f in self._agree(too_full) if f]  # all save, or none does
+        if failures:
+            raise StorageError(failures[0])
         with _quiet_background_failures():
             try:
                 self.manager.save(epoch, args=ocp.args.Composite(
@@ -358,15 +376,14 @@ class Checkpointer:
         ))
         return restored["state"], list(restored["history"]["metrics"])
 
-    def restore_latest(self, abstract_state: Any, report: Callable[[str], None] = print,
-                       agree: Callable[[str], list[str]] = lambda outcome: [outcome],
-                       primary: bool = True) -> tuple[int, Any, list[dict]]:
+    def restore_latest(self, abstract_state: Any, report: Callable[[str], None] = print
+                       ) -> tuple[int, Any, list[dict]]:
         """Restore the newest checkpoint that can be restored -> (epoch, state, history).
 
         A newer one that cannot (truncated or missing files) is set aside (see
         :meth:`set_aside`) with one ``report``-ed line, and the one before it is tried. Raises
         RunDirError when none can be restored. In a multi-process job every process calls
-        this; ``agree`` shares each one's outcome, and only the ``primary`` moves folders.
+        this, and they go through the same steps.
         """
         while (epoch := self.latest_epoch()) is not None:
             try:
@@ -374,15 +391,15 @@ class Checkpointer:
                 failure = ""
             except Exception as e:  # whatever orbax / TensorStore raise for damaged files
                 failure = first_line(e)
-            failures = [f for f in agree(failure) if f]
+            failures = [f for f in self._agree(failure) if f]
             if not failures:
                 return epoch, state, history
-            if primary:
+            self.close()  # the manager caches the steps it saw
+            if self._primary:
                 target = self.set_aside(epoch)
                 report(f"warning: the checkpoint of epoch {epoch} cannot be restored "
                        f"({failures[0]}); moved it to {target} and trying the one before")
-            agree("moved")  # the others look again only after the primary moved it
-            self.close()
+            self._agree("moved")  # the others look again only after the primary moved it
         raise RunDirError(
             f"no checkpoint in {self.directory} can be restored (the damaged ones are in "
             f"{self.directory.parent / DAMAGED_DIR}); run the same command again to start the "

@@ -337,14 +337,14 @@ def train_and_evaluate(cfg: Config, workdir: str | os.PathLike | None = None) ->
     state = create_train_state(cfg, ds.image_shape, steps_per_epoch * cfg.train.epochs)
 
     resume, lock = cluster.open_run_dir(run_dir, config_lib.to_dict(cfg), cfg.output.overwrite)
-    ckpt = rundir.Checkpointer(run_dir)  # every process: orbax coordinates the writes
+    # Every process: orbax coordinates the writes, and they agree on each step's outcome.
+    ckpt = rundir.Checkpointer(run_dir, agree=lambda outcome: cluster.all_outcomes(
+        outcome, "checkpointing"), primary=cluster.is_primary())
     history: list[dict] = []
     first_epoch = 1
     if resume:
         last, restored, history = ckpt.restore_latest(
-            state_tree(state), report=lambda line: print(line, file=sys.stderr, flush=True),
-            agree=lambda outcome: cluster.all_outcomes(outcome, "restoring"),
-            primary=cluster.is_primary())
+            state_tree(state), report=lambda line: print(line, file=sys.stderr, flush=True))
         state = state.replace(**restored)
         first_epoch = last + 1
         print(f"resuming {run_dir} from the checkpoint of epoch {last}/{cfg.train.epochs}")
