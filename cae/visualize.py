@@ -91,10 +91,27 @@ def load_run(run_dir: Path):
                                    cfg.data.max_train_examples)
         # The abstract train state gives orbax the structure of what was saved.
         state = train.create_train_state(cfg, ds.image_shape, 1)
-        restored, history = ckpt.restore(epoch, train.state_tree(state))
+        epoch, restored, history = _restore_newest_intact(ckpt, train.state_tree(state))
     finally:
         ckpt.close()
     return cfg, ds, restored["params"], history, epoch
+
+
+def _restore_newest_intact(ckpt: rundir.Checkpointer, abstract_state):
+    """The newest checkpoint that restores -> (epoch, state, history); a damaged newer one is
+    reported and skipped, not moved (drawing changes nothing; the next cae.train run sets it
+    aside)."""
+    for epoch in reversed(ckpt.epochs()):
+        try:
+            restored, history = ckpt.restore(epoch, abstract_state)
+        except Exception as e:  # whatever orbax / TensorStore raise for damaged files
+            print(f"warning: the checkpoint of epoch {epoch} cannot be restored "
+                  f"({rundir.first_line(e)}); drawing an older one", file=sys.stderr)
+            ckpt.close()
+            continue
+        return epoch, restored, history
+    raise VisualizeError(f"no checkpoint in {ckpt.directory} can be restored; run cae.train "
+                         "with the same config to set the damaged ones aside and resume")
 
 
 def write_pictures(cfg, ds, params, history: list[dict], out_dir: Path, epoch: int) -> list[Path]:

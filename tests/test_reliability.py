@@ -109,6 +109,15 @@ def test_damaged_checkpoints_are_set_aside_and_the_run_resumes_from_an_intact_on
     _truncate(arrays)
     _truncate(run / "checkpoints" / "2" / "state" / "_METADATA")
 
+    # cae.visualize draws the newest intact one, and moves nothing.
+    from cae import visualize
+
+    assert visualize.main([str(run), "--out", str(tmp_path / "pictures")]) == 0
+    err = capsys.readouterr().err
+    assert err.count("warning: the checkpoint of epoch") == 2 and "Traceback" not in err
+    assert (tmp_path / "pictures" / "curves.png").exists()
+    assert (run / "checkpoints" / "3").is_dir() and not (run / "checkpoints_damaged").exists()
+
     # Another config is refused, with a hint that deletes nothing.
     code, _, err = _main(capsys, mnist_dirs, run, "train.epochs=3", "train.learning_rate=0.01")
     line = _one_error_line(err)
