@@ -9,7 +9,6 @@ files; (c) run dirs that are not shared are refused by every process, up front, 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -49,8 +48,7 @@ def _launch(env, run_dirs, *overrides, port=None, umasks=(0o022, 0o077), process
         penv.pop("XLA_FLAGS", None)
         procs.append(subprocess.Popen(
             _argv(run_dirs[i], *overrides), env=penv, cwd=REPO, text=True,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            preexec_fn=lambda mask=umasks[i]: os.umask(mask)))
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, umask=umasks[i]))
     return procs
 
 
@@ -148,7 +146,7 @@ def test_sigterm_ends_a_process_waiting_for_the_other_promptly(subprocess_env, t
     # Waiting for a process that never comes (in jax.distributed's own connection wait).
     alone = _launch(subprocess_env, [tmp_path / "alone"] * 2, processes=1)
     try:
-        time.sleep(8)
+        time.sleep(4)
         assert alone[0].poll() is None
         t0 = time.monotonic()
         alone[0].send_signal(signal.SIGTERM)
