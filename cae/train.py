@@ -343,8 +343,11 @@ def train_and_evaluate(cfg: Config, workdir: str | os.PathLike | None = None) ->
     history: list[dict] = []
     first_epoch = 1
     if resume:
+        # Restored straight into the mesh's layout: with several processes, arrays restored
+        # onto each process's own device could not be moved onto the mesh afterwards.
         last, restored, history = ckpt.restore_latest(
-            state_tree(state), report=lambda line: print(line, file=sys.stderr, flush=True))
+            state_tree(jax.device_put(state, sharding(mesh))),
+            report=lambda line: print(line, file=sys.stderr, flush=True))
         state = state.replace(**restored)
         first_epoch = last + 1
         print(f"resuming {run_dir} from the checkpoint of epoch {last}/{cfg.train.epochs}")

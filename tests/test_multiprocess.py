@@ -1,9 +1,10 @@
 """Two real processes on 127.0.0.1, joined by JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
 JAX_PROCESS_ID (gloo collectives on CPU), as README *Several hosts* launches them.
 
-(a) the same numbers as one process with 2 devices; (b) only process 0 writes the run dir's own
-files; (c) run dirs that are not shared are refused by every process, up front, in one line;
-(d) SIGTERM during a wait ends a process promptly.
+(a) the same numbers as one process with 2 devices, also after resuming past a damaged
+checkpoint; (b) only process 0 writes the run dir's own files; (c) run dirs that are not shared
+are refused by every process, up front, in one line; (d) SIGTERM during a wait ends a process
+promptly.
 """
 
 from __future__ import annotations
@@ -101,6 +102,23 @@ def test_two_processes_train_like_one_process_with_two_devices_and_only_process_
                                       "reconstructions.png", "curves.png"}
     private = [str(p) for p in ours if not p.stat().st_mode & 0o044]
     assert private == []
+
+    # The job resumes an unfinished run, past a damaged newest checkpoint, to the same bits.
+    (shared / "summary.json").unlink()
+    metadata = shared / "checkpoints" / "2" / "state" / "_METADATA"
+    metadata.write_bytes(metadata.read_bytes()[:100])
+    procs = _launch(subprocess_env, [shared, shared])
+    try:
+        outputs = _finish(procs)
+    finally:
+        _kill(procs)
+    for p, (out, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+        assert "from the checkpoint of epoch 1/2" in out and "Traceback" not in err
+    assert outputs[0][1].count("warning: the checkpoint of epoch 2 cannot be restored") == 1
+    resumed = json.loads((shared / "summary.json").read_text())
+    for key in ("test_mse", "train_loss", "steps"):
+        assert resumed[key] == s1[key], key
 
 
 def test_run_dirs_not_shared_by_the_processes_are_refused_up_front(subprocess_env, tmp_path):
