@@ -3,7 +3,9 @@
 A run dir is *complete* iff it holds ``summary.json``, which is written last and atomically.
 An unfinished run (``config.yaml`` plus at least one committed checkpoint) is resumed by running
 the same command again; orbax commits each checkpoint atomically (temp dir + rename), so a
-process killed mid-save leaves the previous checkpoint as the latest one.
+process killed mid-save leaves the previous checkpoint as the latest one. A checkpoint that
+cannot be restored is set aside into ``checkpoints_damaged/`` and the one before it is used.
+A run holds ``.cae.lock`` (``flock``) for its life, so two runs never share a run dir.
 """
 
 from __future__ import annotations
