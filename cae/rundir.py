@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import gc
 import itertools
 import json
 import logging
@@ -216,15 +217,18 @@ def prepare_run_dir(run_dir: str | os.PathLike, resolved: dict, overwrite: bool)
 
 
 @contextlib.contextmanager
-def _quiet_background_failures():
-    """While orbax saves: its writer threads log each failure (with a traceback) before the
-    save raises it in this thread, where it becomes our one line. Keep the one line."""
+def quiet_background_failures():
+    """While orbax saves or restores: its threads log each failure (with a traceback) before
+    the call raises it in this thread, where it becomes our one line. Keep the one line."""
     absl_logger = logging.getLogger("absl")
     level, hook = absl_logger.level, sys.unraisablehook
     absl_logger.setLevel(logging.CRITICAL)
     sys.unraisablehook = lambda unraisable: None  # TensorStore's callbacks report through it
     try:
         yield
+    except BaseException:
+        gc.collect()  # abandoned reads and writes report when collected: quietly, now
+        raise
     finally:
         absl_logger.setLevel(level)
         sys.unraisablehook = hook
@@ -331,7 +335,7 @@ class Checkpointer:
         failures = [f for f in self._agree(too_full) if f]  # all save, or none does
         if failures:
             raise StorageError(failures[0])
-        with _quiet_background_failures():
+        with quiet_background_failures():
             try:
                 self.manager.save(epoch, args=ocp.args.Composite(
                     state=ocp.args.StandardSave(state),
@@ -388,11 +392,13 @@ class Checkpointer:
         this, and they go through the same steps.
         """
         while (epoch := self.latest_epoch()) is not None:
-            try:
-                state, history = self.restore(epoch, abstract_state)
-                failure = ""
-            except Exception as e:  # whatever orbax / TensorStore raise for damaged files
-                failure = first_line(e)
+            with quiet_background_failures():
+                try:
+                    state, history = self.restore(epoch, abstract_state)
+                    failure = ""
+                except Exception as e:  # whatever orbax / TensorStore raise for damaged files
+                    failure = first_line(e)
+                    gc.collect()  # as quiet_background_failures does for what it lets out
             failures = [f for f in self._agree(failure) if f]
             if not failures:
                 return epoch, state, history

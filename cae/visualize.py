@@ -103,7 +103,8 @@ def _restore_newest_intact(ckpt: rundir.Checkpointer, abstract_state):
     aside)."""
     for epoch in reversed(ckpt.epochs()):
         try:
-            restored, history = ckpt.restore(epoch, abstract_state)
+            with rundir.quiet_background_failures():
+                restored, history = ckpt.restore(epoch, abstract_state)
         except Exception as e:  # whatever orbax / TensorStore raise for damaged files
             print(f"warning: the checkpoint of epoch {epoch} cannot be restored "
                   f"({rundir.first_line(e)}); drawing an older one", file=sys.stderr)
