@@ -572,10 +572,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def exit_with(code: int) -> None:
-    """Exit with ``code``; after a storage failure, without the exit handlers, which would
-    retry the writes that just failed (TensorBoard's, orbax's) and print their tracebacks
-    after our one line."""
-    if code != EXIT_STORAGE:
+    """Exit with ``code``. After a storage failure or an interruption, without the exit
+    handlers and the interpreter's teardown: they would retry the writes that just failed
+    (TensorBoard's, orbax's) and print their tracebacks after our one line, or, interrupted
+    amid JAX's and orbax's threads, crash (SIGSEGV seen after SIGTERM) or wait for the other
+    processes of a job. Everything committed is on disk already (orbax waits for each save,
+    the other files are renamed into place)."""
+    if code not in (EXIT_STORAGE, 130, 143):
         sys.exit(code)
     sys.stdout.flush()
     sys.stderr.flush()
