@@ -615,6 +615,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def run():
+        if train.launched_as_several_processes():
+            raise ConfigError("cae.ablate runs as one process (it trains one run after the "
+                              "other); start it without a multi-process launcher, or run "
+                              "cae.train once per run for several processes")
         base, ablation = load_ablation_config(args.config, args.set)
         runs = run_sweep(base, ablation, log=lambda s: print(s, flush=True))
         return base, write_reports(base.output.dir, runs, base, ablation)
@@ -638,4 +642,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    train.exit_with(main())

@@ -222,8 +222,38 @@ def _require(ok: bool, key: str, value, allowed: str):
         raise ConfigError(f"{key}={value!r}: {allowed}")
 
 
+# Step counts, sizes and seeds become int32 scalars inside the compiled programs (and in orbax
+# and optax); a larger value would overflow there, after the run dir was written.
+INT_MAX = 2**31 - 1
+FLOAT32_MAX = 3.4028234663852886e38  # learning rates and weight decay are float32 in the step
+
+
+def _integers(value, key: str):
+    """(dotted key, int) for every integer in a config section's value (lists included)."""
+    if isinstance(value, bool):
+        return
+    if isinstance(value, int):
+        yield key, value
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _integers(v, f"{key}[{i}]")
+
+
+def _check_limits(cfg: Config) -> None:
+    for section, keys in to_dict(cfg).items():
+        for name, value in keys.items():
+            for key, v in _integers(value, f"{section}.{name}"):
+                _require(v <= INT_MAX, key, v, f"must be <= {INT_MAX} (int32)")
+    t = cfg.train
+    for key, v in (("train.learning_rate", t.learning_rate),
+                   ("train.weight_decay", t.weight_decay)):
+        _require(not math.isfinite(v) or abs(v) <= FLOAT32_MAX, key, v,
+                 "must be a finite float32 number (<= 3.4e38)")
+
+
 def validate(cfg: Config) -> None:
     m, t, d, o = cfg.model, cfg.train, cfg.data, cfg.output
+    _check_limits(cfg)
     _require(bool(d.name.strip()), "data.name", d.name, "must be a TFDS dataset name")
     _require(d.max_train_examples is None or d.max_train_examples >= 1,
              "data.max_train_examples", d.max_train_examples, "must be >= 1 or null")

@@ -11,18 +11,23 @@ as its manual dir and prepares the dataset from it with its own checksum verific
 
 from __future__ import annotations
 
+import argparse
+import collections
 import contextlib
 import dataclasses
 import fcntl
+import hashlib
 import logging
 import os
 import socket
+import sys
 import urllib.parse
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["Dataset", "DataError", "load_dataset", "import_tfds", "normalize"]
+__all__ = ["Dataset", "DataError", "load_dataset", "import_tfds", "normalize",
+           "prepared_datasets", "same_data", "main"]
 
 MANUAL_DIR_ENV = "CAE_MANUAL_DIR"
 
@@ -148,6 +153,18 @@ def _reachable(builder, timeout: float = 5.0) -> bool:
         return False
 
 
+def _extract_dir(builder) -> Path:
+    """Where TFDS unpacks ``builder``'s archives: a folder of this dataset and version only.
+
+    TFDS's default, ``downloads/extracted/GZIP.<archive name>``, is shared by every dataset
+    and reused by name, so with MNIST prepared, "fashion_mnist" would be built from MNIST's
+    ``train-images-idx3-ubyte.gz`` (tensorflow/datasets#2267) after checking Fashion-MNIST's
+    own archives' checksums.
+    """
+    version_dir = Path(builder.data_dir).relative_to(Path(builder.data_dir_root))
+    return Path(builder.data_dir_root) / "downloads" / "extracted-by-dataset" / version_dir
+
+
 def _prepare(tfds, builder, name: str, manual_dir: str | None) -> None:
     files = _needed_files(builder)
     listed = ", ".join(files) or "its original download archives"
@@ -161,12 +178,15 @@ def _prepare(tfds, builder, name: str, manual_dir: str | None) -> None:
                             f"original archives TFDS needs to prepare {name!r} offline")
     elif not _reachable(builder):
         raise DataError(
-            f"data.name={name!r} is not prepared in {Path(builder.data_dir).parents[1]} and "
+            f"data.name={name!r} is not prepared in {builder.data_dir_root} and "
             f"there is no network: set data.manual_dir (or ${MANUAL_DIR_ENV}) to a folder "
             f"holding {listed}"
         )
-    config = tfds.download.DownloadConfig(manual_dir=manual_dir)
-    with _prepare_lock(Path(builder.data_dir).parents[1]):
+    root = Path(builder.data_dir_root)
+    config = tfds.download.DownloadConfig(
+        manual_dir=manual_dir or root / "downloads" / "manual",  # TFDS's default manual dir
+        extract_dir=_extract_dir(builder))
+    with _prepare_lock(root):
         if builder.is_prepared():  # another process prepared it while we waited
             return
         try:
@@ -206,6 +226,10 @@ def load_dataset(name: str = "mnist", data_dir: str | None = None,
     if "train" not in splits or "test" not in splits:
         raise DataError(f"data.name={name!r}: needs 'train' and 'test' splits, has "
                         f"{sorted(splits.keys())}")
+    available = splits["train"].num_examples
+    if max_train_examples is not None and max_train_examples > available:
+        raise DataError(f"data.max_train_examples={max_train_examples}: {name!r} has only "
+                        f"{available} training examples; use at most {available}, or null for all")
     train_split = "train" if max_train_examples is None else f"train[:{max_train_examples}]"
     label_key = _label_key(builder)
     arrays, labels = {}, {}
@@ -224,3 +248,73 @@ def load_dataset(name: str = "mnist", data_dir: str | None = None,
         arrays[split_name] = images
     return Dataset(name=name, train=arrays["train"], test=arrays["test"],
                    train_labels=labels["train"], test_labels=labels["test"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Checking a data dir prepared before cae kept each dataset's extracted archives apart
+# ----------------------------------------------------------------------------------------------
+
+
+def prepared_datasets(data_dir: str | os.PathLike) -> dict[str, Path]:
+    """``{"name[/config]/version": its folder}`` for every dataset prepared in ``data_dir``."""
+    root = Path(data_dir)
+    found = {}
+    for info in sorted(root.glob("**/dataset_info.json")):
+        relative = info.parent.relative_to(root)
+        if relative.parts and relative.parts[0] != "downloads":
+            found[str(relative)] = info.parent
+    return found
+
+
+def _fingerprint(tfds, folder: Path) -> str:
+    """A digest of the multiset of a prepared dataset's images (its test split, else its first
+    split): equal digests, equal images, in whatever order they were written."""
+    builder = tfds.builder_from_directory(str(folder))
+    splits = sorted(builder.info.splits.keys())
+    split = "test" if "test" in splits else splits[0]
+    key = _image_key(builder, str(folder))
+    digests = sorted(hashlib.sha1(np.ascontiguousarray(example[key]).tobytes()).digest()
+                     for example in tfds.as_numpy(builder.as_dataset(split=split)))
+    return hashlib.sha256(b"".join(digests)).hexdigest()
+
+
+def same_data(data_dir: str | os.PathLike) -> list[list[str]]:
+    """Groups of datasets prepared in ``data_dir`` that hold the same images: all but one of
+    each group were built from another dataset's archives (tensorflow/datasets#2267)."""
+    tfds = import_tfds()
+    by_digest = collections.defaultdict(list)
+    for name, folder in prepared_datasets(data_dir).items():
+        try:
+            by_digest[_fingerprint(tfds, folder)].append(name)
+        except DataError:
+            continue  # not an image dataset: not cae's to check
+    return [names for names in by_digest.values() if len(names) > 1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m cae.data check [DATA_DIR]``: report datasets prepared from each other's files."""
+    parser = argparse.ArgumentParser(prog="python -m cae.data",
+                                     description="check a TFDS data dir for datasets that hold "
+                                                 "the same images under different names")
+    parser.add_argument("command", choices=["check"])
+    parser.add_argument("data_dir", nargs="?", default=None,
+                        help="TFDS data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)")
+    args = parser.parse_args(argv)
+    data_dir = Path(args.data_dir or os.environ.get("TFDS_DATA_DIR")
+                    or Path.home() / "tensorflow_datasets").expanduser()
+    if not data_dir.is_dir():
+        print(f"error: {data_dir}: no such folder", file=sys.stderr)
+        return 2
+    groups = same_data(data_dir)
+    for names in groups:
+        print(f"{' and '.join(names)} in {data_dir} hold the same images: all but one were "
+              "prepared from another dataset's archives; delete the wrong one's folder (and "
+              f"{data_dir / 'downloads' / 'extracted'}), then prepare it again")
+    if not groups:
+        print(f"{len(prepared_datasets(data_dir))} prepared datasets in {data_dir}: no two hold "
+              "the same images")
+    return 1 if groups else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

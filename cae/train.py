@@ -12,7 +12,11 @@ import functools
 import json
 import math
 import os
+import shutil
+import signal
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -28,7 +32,7 @@ from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cae import baselines, models, ops, plots, probe, rundir
+from cae import baselines, cluster, models, ops, plots, probe, rundir
 from cae import config as config_lib
 from cae import data as data_lib
 from cae.config import Config, ConfigError
@@ -73,17 +77,38 @@ def maybe_initialize_distributed() -> bool:
     ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``. Returns whether it initialised.
     """
     env = os.environ
+    if not launched_as_several_processes():
+        return False
+    # jax.distributed installs its own SIGTERM handler (preemption notices) that keeps the
+    # process running; put back the one we had (cluster.terminate_promptly's, or the default).
+    sigterm = signal.getsignal(signal.SIGTERM)
     if env.get("JAX_COORDINATOR_ADDRESS"):
-        num, pid = env.get("JAX_NUM_PROCESSES"), env.get("JAX_PROCESS_ID")
         jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"],
-                                   int(num) if num else None, int(pid) if pid else None)
-        return True
-    several = (int(env.get("SLURM_NTASKS", "1") or 1) > 1
-               or int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1
-               or "," in env.get("TPU_WORKER_HOSTNAMES", ""))
-    if several:
+                                   _env_int("JAX_NUM_PROCESSES"), _env_int("JAX_PROCESS_ID"))
+    else:
         jax.distributed.initialize()
-    return several
+    if sigterm is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, sigterm)
+    return True
+
+
+def _env_int(name: str, default: int | None = None) -> int | None:
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"${name}={text!r}: must be an integer") from None
+
+
+def launched_as_several_processes() -> bool:
+    """Does the environment say this is one process of several (see CLUSTER_ENV_VARS)?"""
+    env = os.environ
+    return bool(env.get("JAX_COORDINATOR_ADDRESS")
+                or _env_int("SLURM_NTASKS", 1) > 1
+                or _env_int("OMPI_COMM_WORLD_SIZE", 1) > 1
+                or "," in env.get("TPU_WORKER_HOSTNAMES", ""))
 
 
 def sharding(mesh: Mesh, spec: P | None = None) -> jax.sharding.Sharding:
@@ -292,6 +317,10 @@ def _check_geometry(cfg: Config, image_shape, num_train: int, num_devices: int =
     if cfg.train.batch_size > num_train:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size}: larger than the "
                           f"{num_train} training examples")
+    total_steps = num_train // cfg.train.batch_size * cfg.train.epochs
+    if total_steps > config_lib.INT_MAX:  # the step counter is an int32
+        raise ConfigError(f"train.epochs={cfg.train.epochs}: {total_steps} steps in all, more "
+                          f"than the step counter holds ({config_lib.INT_MAX})")
     if cfg.train.batch_size % num_devices:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size}: must be a multiple of the "
                           f"number of devices ({num_devices}); each device takes an equal share")
@@ -330,17 +359,24 @@ def train_and_evaluate(cfg: Config, workdir: str | os.PathLike | None = None,
     steps_per_epoch = len(ds.train) // batch_size  # see epoch_batches: shuffled, none lost
     state = create_train_state(cfg, ds.image_shape, steps_per_epoch * cfg.train.epochs)
 
-    resume = rundir.prepare_run_dir(run_dir, config_lib.to_dict(cfg), cfg.output.overwrite)
-    ckpt = rundir.Checkpointer(run_dir)
+    resume, lock = cluster.open_run_dir(run_dir, config_lib.to_dict(cfg), cfg.output.overwrite)
+    # Every process: orbax coordinates the writes, and they agree on each step's outcome.
+    ckpt = rundir.Checkpointer(run_dir, agree=lambda outcome: cluster.all_outcomes(
+        outcome, "checkpointing"), primary=cluster.is_primary())
     history: list[dict] = []
     first_epoch = 1
     if resume:
-        last = ckpt.latest_epoch()
-        restored, history = ckpt.restore(last, state_tree(state))
+        # Restored straight into the mesh's layout: with several processes, arrays restored
+        # onto each process's own device could not be moved onto the mesh afterwards.
+        last, restored, history = ckpt.restore_latest(
+            state_tree(jax.device_put(state, sharding(mesh))),
+            report=lambda line: print(line, file=sys.stderr, flush=True))
         state = state.replace(**restored)
         first_epoch = last + 1
         print(f"resuming {run_dir} from the checkpoint of epoch {last}/{cfg.train.epochs}")
-    rundir.write_atomic(run_dir / rundir.METRICS_FILE, rundir.dump_jsonl(history))
+    # Only process 0 writes the run dir's own files; the others write theirs to a scratch dir.
+    out_dir = run_dir if cluster.is_primary() else Path(tempfile.mkdtemp(prefix="cae-scratch-"))
+    rundir.write_atomic(out_dir / rundir.METRICS_FILE, rundir.dump_jsonl(history))
 
     # The data and the parameters live on the device(s) for the whole run: the training split
     # and parameters replicated, each batch split over the devices; XLA inserts the gradient
@@ -353,7 +389,7 @@ def train_and_evaluate(cfg: Config, workdir: str | os.PathLike | None = None,
 
     from tensorboardX import SummaryWriter
 
-    writer = SummaryWriter(str(run_dir / "tensorboard"),
+    writer = SummaryWriter(str(out_dir / "tensorboard"),
                            purge_step=int(state.step) if resume else None)
     eval_program = compile_evaluation(state, test_set)
     initial_mse = (history[0]["initial_test_mse"] if history
@@ -385,8 +421,7 @@ def train_and_evaluate(cfg: Config, workdir: str | os.PathLike | None = None,
                     bad = int(np.argmin(np.isfinite(chunk)))
                     raise TrainingDiverged(
                         f"train loss became {chunk[bad]} at epoch {epoch}, step {start + bad + 1}; "
-                        f"stopped. Last good checkpoint: epoch {epoch - 1} in {run_dir}; try a "
-                        "lower train.learning_rate")
+                        f"stopped. {_last_good(epoch, run_dir)}; try a lower train.learning_rate")
                 writer.add_scalar("train/loss", float(chunk[-1]), int(state.step))
                 bar.set_postfix(loss=f"{chunk[-1]:.4f}")
                 bar.update(length)
@@ -406,18 +441,41 @@ def train_and_evaluate(cfg: Config, workdir: str | os.PathLike | None = None,
             }
             history.append(record)
             ckpt.save(epoch, state_tree(state), history)  # committed before we report it
-            rundir.write_atomic(run_dir / rundir.METRICS_FILE, rundir.dump_jsonl(history))
+            rundir.write_atomic(out_dir / rundir.METRICS_FILE, rundir.dump_jsonl(history))
             for key in ("train_loss", "test_mse", "test_psnr", "images_per_sec"):
                 writer.add_scalar(f"epoch/{key}", record[key], int(state.step))
             print(f"epoch {epoch}/{cfg.train.epochs}: train_loss {record['train_loss']:.4f}  "
                   f"test_mse {test_mse:.5f}  test_psnr {record['test_psnr']:.2f} dB  "
                   f"{record['images_per_sec']:.0f} img/s  {epoch_time:.1f} s", flush=True)
-        summary = _finish(cfg, state, ds, history, run_dir, writer, steady_images, steady_time,
+        summary = _finish(cfg, state, ds, history, out_dir, writer, steady_images, steady_time,
                           wall_before + time.perf_counter() - t_start)
     finally:
-        writer.close()
+        _close_events(writer)
         ckpt.close()
+        if lock is not None:
+            lock.release()
+        if out_dir != run_dir:
+            shutil.rmtree(out_dir, ignore_errors=True)
     return summary
+
+
+def _close_events(writer) -> None:
+    """Close the TensorBoard writer. If the storage refuses its last events (disk full), drop
+    them: the run's own error says what happened, and tensorboardX would otherwise retry at
+    exit and print a traceback."""
+    try:
+        writer.close()
+    except OSError:
+        events = getattr(getattr(writer, "file_writer", None), "event_writer", None)
+        if events is not None:  # tensorboardX's own "closed" flag: no retry at exit
+            events._closed = True
+
+
+def _last_good(epoch: int, run_dir: Path) -> str:
+    """Where a diverged run can be taken up again (epoch 1 has no checkpoint before it)."""
+    if epoch <= 1:
+        return f"No checkpoint was written (it diverged in epoch 1); {run_dir} can be reused"
+    return f"Last good checkpoint: epoch {epoch - 1} in {run_dir}"
 
 
 def state_tree(state: TrainState) -> dict:
@@ -522,24 +580,38 @@ def summary_line(summary: dict) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
+EXIT_DIVERGED, EXIT_USER, EXIT_STORAGE = 1, 2, 3
+
+
 def run_command(body, interrupted: str) -> tuple[int, Any]:
     """Run a command-line entry point's ``body()``; returns (exit code, its result).
 
-    Mistakes in the config, the data or the run dir give one line on stderr and exit code 2, a
-    diverged run 1, Ctrl-C the ``interrupted`` hint and 130; never a traceback. Other
-    exceptions are bugs and propagate.
+    Exit codes (README, *Reliability*): mistakes in the config, the data or the run dir 2; the
+    storage failing (disk full, read-only, not a directory) 3; a diverged run 1; Ctrl-C 130 and
+    SIGTERM 143 (with the ``interrupted`` hint). Each with one line on stderr, never a
+    traceback. Other exceptions are bugs and propagate.
     """
     try:
-        return 0, body()
+        with cluster.terminate_promptly(interrupted):
+            return 0, body()
     except (ConfigError, data_lib.DataError, rundir.RunDirError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2, None
+        return EXIT_USER, None
+    except rundir.StorageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_STORAGE, None
+    except OSError as e:
+        print(f"error: {rundir.storage_error_message(e)}", file=sys.stderr)
+        return EXIT_STORAGE, None
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1, None
+        return EXIT_DIVERGED, None
     except KeyboardInterrupt:
         print(interrupted, file=sys.stderr)
         return 130, None
+    except cluster.Terminated:
+        print(interrupted, file=sys.stderr)
+        return 143, None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -564,5 +636,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def exit_with(code: int) -> None:
+    """Exit with ``code``. After a storage failure or an interruption, without the exit
+    handlers and the interpreter's teardown: they would retry the writes that just failed
+    (TensorBoard's, orbax's) and print their tracebacks after our one line, or, interrupted
+    amid JAX's and orbax's threads, crash (SIGSEGV seen after SIGTERM) or wait for the other
+    processes of a job. Everything committed is on disk already (orbax waits for each save,
+    the other files are renamed into place)."""
+    if code not in (EXIT_STORAGE, 130, 143):
+        sys.exit(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

@@ -91,10 +91,28 @@ def load_run(run_dir: Path):
                                    cfg.data.max_train_examples)
         # The abstract train state gives orbax the structure of what was saved.
         state = train.create_train_state(cfg, ds.image_shape, 1)
-        restored, history = ckpt.restore(epoch, train.state_tree(state))
+        epoch, restored, history = _restore_newest_intact(ckpt, train.state_tree(state))
     finally:
         ckpt.close()
     return cfg, ds, restored["params"], history, epoch
+
+
+def _restore_newest_intact(ckpt: rundir.Checkpointer, abstract_state):
+    """The newest checkpoint that restores -> (epoch, state, history); a damaged newer one is
+    reported and skipped, not moved (drawing changes nothing; the next cae.train run sets it
+    aside)."""
+    for epoch in reversed(ckpt.epochs()):
+        try:
+            with rundir.quiet_background_failures():
+                restored, history = ckpt.restore(epoch, abstract_state)
+        except Exception as e:  # whatever orbax / TensorStore raise for damaged files
+            print(f"warning: the checkpoint of epoch {epoch} cannot be restored "
+                  f"({rundir.first_line(e)}); drawing an older one", file=sys.stderr)
+            ckpt.close()
+            continue
+        return epoch, restored, history
+    raise VisualizeError(f"no checkpoint in {ckpt.directory} can be restored; run cae.train "
+                         "with the same config to set the damaged ones aside and resume")
 
 
 def write_pictures(cfg, ds, params, history: list[dict], out_dir: Path, epoch: int) -> list[Path]:
@@ -169,12 +187,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         written = visualize(args.run_dir, args.out)
-    except (VisualizeError, ConfigError, data_lib.DataError) as e:
+    except (VisualizeError, ConfigError, data_lib.DataError, rundir.RunDirError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # --out (or RUN_DIR) read-only, disk full, ...: as cae.train, exit 3
+        print(f"error: {rundir.storage_error_message(e)}", file=sys.stderr)
+        return 3
     print(f"wrote {', '.join(p.name for p in written)} to {written[0].parent}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from cae import train
+
+    train.exit_with(main())

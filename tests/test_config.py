@@ -148,3 +148,15 @@ def test_missing_config_file(tmp_path):
         config.load_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="is a directory"):
         config.load_config(tmp_path)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.warmup_steps=3000000000", r"train\.warmup_steps=3000000000: must be <= 2147483647"),
+    ("model.features=[8, 4294967296]", r"model\.features\[1\]=4294967296: must be <= 2147483647"),
+    ("train.seed=2147483648", r"train\.seed=2147483648: must be <= 2147483647"),
+    ("train.learning_rate=1e39", r"train\.learning_rate=1e\+39: must be a finite float32"),
+])
+def test_numbers_beyond_the_dtypes_the_run_uses_are_rejected(override, message):
+    with pytest.raises(ConfigError, match=message):
+        config.load_config(CONFIGS[0].parent / "smoke.yaml", [override])
+    config.load_config(CONFIGS[0].parent / "smoke.yaml", ["train.warmup_steps=2147483647"])

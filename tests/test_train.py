@@ -127,6 +127,9 @@ BAD_RUNS = [
     (["train.learning_rate=inf"], r"train\.learning_rate=inf: must be a finite number"),
     (["model.unknown=3"], r"--set model\.unknown: unknown key"),
     (["train.epochs"], r"--set 'train\.epochs': expected section\.key=value"),
+    (["train.warmup_steps=3000000000"], r"train\.warmup_steps=3000000000: must be <= 2147483647"),
+    (["data.max_train_examples=70000"],
+     r"data\.max_train_examples=70000: 'mnist' has only 60000 training examples"),
 ]
 
 
