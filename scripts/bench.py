@@ -42,9 +42,8 @@ except ImportError:  # running from a checkout without installing
 import jax
 import jax.numpy as jnp
 import numpy as np
-from bench_ops import cpu_model
+from bench_ops import config_from_command_line, cpu_model
 
-from cae import config as config_lib
 from cae import data as data_lib
 from cae import models, ops, train
 
@@ -144,17 +143,10 @@ def torch_trainer(torch, cfg, params, images: np.ndarray, batch: int, seed: int)
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", default="configs/mnist_tied.yaml")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--steps", type=int, default=100, help="steps per method per round (100)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (3)")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
-    args = ap.parse_args(argv)
-    try:
-        cfg = config_lib.load_config(args.config, args.set)
-    except config_lib.ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    args, cfg = config_from_command_line(ap, argv)
     torch = None
     if not args.no_torch:
         try:

@@ -32,9 +32,8 @@ except ImportError:  # running from a checkout without installing
 import jax
 import jax.numpy as jnp
 import numpy as np
-from bench_ops import cpu_model
+from bench_ops import config_from_command_line, cpu_model
 
-from cae import config as config_lib
 from cae import ops, train
 
 
@@ -55,16 +54,9 @@ def compile_step(cfg, images, batches, gemm: bool):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", default="configs/mnist_tied.yaml")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--steps", type=int, default=20, help="steps per timed call (20)")
     ap.add_argument("--rounds", type=int, default=7, help="timed calls per method (7)")
-    args = ap.parse_args(argv)
-    try:
-        cfg = config_lib.load_config(args.config, args.set)
-    except config_lib.ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    args, cfg = config_from_command_line(ap, argv)
     if cfg.model.code_size is None:
         print("note: model.code_size is null: unless a layer's kernel covers its input, both "
               "programs are the same")

@@ -289,6 +289,21 @@ def paired_ratios(raw, method, reference="torch"):
     return [a / b for a, b in zip(raw[method], raw[reference])]
 
 
+def config_from_command_line(ap, argv):
+    """Add ``--config``/``--set`` to ``ap``, parse ``argv`` -> (args, validated Config); a bad
+    config is one ``error:`` line and exit 2."""
+    from cae import config as config_lib
+
+    ap.add_argument("--config", default="configs/mnist_tied.yaml")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    args = ap.parse_args(argv)
+    try:
+        return args, config_lib.load_config(args.config, args.set)
+    except config_lib.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def cpu_model():
     try:
         with open("/proc/cpuinfo") as f:

@@ -64,6 +64,18 @@ def _kill(procs):
             p.communicate()
 
 
+def _run_job(env, run_dirs):
+    """Launch the two processes, wait for both, check both exited 0 -> [(stdout, stderr)]."""
+    procs = _launch(env, run_dirs)
+    try:
+        outputs = _finish(procs)
+    finally:
+        _kill(procs)
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+    return outputs
+
+
 def _records(run_dir):
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -72,13 +84,8 @@ def test_two_processes_train_like_one_process_with_two_devices_and_only_process_
         subprocess_env, tmp_path):
     shared = tmp_path / "two_processes"
     # Process 1 runs with umask 077: any file it wrote would be private (mode 0600).
-    procs = _launch(subprocess_env, [shared, shared])
-    try:
-        outputs = _finish(procs)
-    finally:
-        _kill(procs)
-    for p, (out, err) in zip(procs, outputs):
-        assert p.returncode == 0, err[-3000:]
+    outputs = _run_job(subprocess_env, [shared, shared])
+    for out, _ in outputs:
         assert "2 devices" in out and "done: test_mse" in out
     one = tmp_path / "one_process"
     ref = subprocess.run(_argv(one), cwd=REPO, capture_output=True, text=True, timeout=300,
@@ -107,13 +114,8 @@ def test_two_processes_train_like_one_process_with_two_devices_and_only_process_
     (shared / "summary.json").unlink()
     metadata = shared / "checkpoints" / "2" / "state" / "_METADATA"
     metadata.write_bytes(metadata.read_bytes()[:100])
-    procs = _launch(subprocess_env, [shared, shared])
-    try:
-        outputs = _finish(procs)
-    finally:
-        _kill(procs)
-    for p, (out, err) in zip(procs, outputs):
-        assert p.returncode == 0, err[-3000:]
+    outputs = _run_job(subprocess_env, [shared, shared])
+    for out, err in outputs:
         assert "from the checkpoint of epoch 1/2" in out and "Traceback" not in err
     assert outputs[0][1].count("warning: the checkpoint of epoch 2 cannot be restored") == 1
     resumed = json.loads((shared / "summary.json").read_text())
