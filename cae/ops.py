@@ -779,8 +779,10 @@ def conv_transpose(y: jax.Array, kernel: jax.Array, strides=1, padding: PaddingL
         raise ValueError(f"impl={impl!r}: allowed are {[AUTO, *sorted(IMPLEMENTATIONS)]}")
     pads, op = _transpose_geometry(y.shape[1:3], khw, s, padding, output_padding)
     if name == AUTO:
-        if tuple(y.shape[1:3]) == (1, 1) and op == (0, 0) and _covers_input(khw, khw, pads):
-            return _dense_conv_transpose(y, kernel)  # a fully connected layer's W^T
+        x_hw = [conv_transpose_output_size(h, k, st, p, o)
+                for h, k, st, p, o in zip(y.shape[1:3], khw, s, pads, op)]
+        if _covers_input(x_hw, khw, pads):  # the forward conv is a fully connected layer
+            return _dense_conv_transpose(y, kernel)  # W^T
         name = choose_impl(kernel.shape, s)
     return IMPLEMENTATIONS[name](y, kernel, s, pads, op)
 
