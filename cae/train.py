@@ -489,7 +489,7 @@ def _finish(cfg, state, ds, history, run_dir, writer, steady_images, steady_time
     recon = np.asarray(eval_step(state, originals)[1])
     final = history[-1]
     code_size, pca = pca_baseline(cfg, ds, probe=cfg.train.linear_probe)
-    against = "" if pca is None else f" (PCA with {code_size} components: {pca.test_mse:.4f})"
+    against, baseline = pca_labels(code_size, pca)
     plots.save_reconstructions(
         run_dir / "reconstructions.png", data_lib.normalize(originals), recon,
         title=f"{ds.name}, {'tied' if cfg.model.tied else 'untied'}, code of {code_size} "
@@ -499,8 +499,7 @@ def _finish(cfg, state, ds, history, run_dir, writer, steady_images, steady_time
         [data_lib.normalize(originals), recon]), int(state.step), dataformats="NHWC")
     plots.save_figure(run_dir / "curves.png", plots.curves_figure(
         history, loss_name=f"train loss ({cfg.train.loss.upper()})",
-        title=f"{ds.name}, {'tied' if cfg.model.tied else 'untied'}",
-        baseline=None if pca is None else (f"PCA, {code_size} components", pca.test_mse)))
+        title=f"{ds.name}, {'tied' if cfg.model.tied else 'untied'}", baseline=baseline))
     probe_acc = None
     if cfg.train.linear_probe:  # frozen codes of the train split -> classifier -> test split
         print(f"linear probe: logistic regression on the codes of {len(ds.train)} train images "
@@ -555,6 +554,15 @@ def pca_baseline(cfg: Config, ds: data_lib.Dataset, probe: bool = False):
         print(f"PCA baseline with {code_size} components in {time.perf_counter() - t0:.1f} s "
               f"(cached in {baselines.cache_dir()})", flush=True)
     return code_size, result
+
+
+def pca_labels(code_size: int, pca) -> tuple[str, tuple[str, float] | None]:
+    """``pca_baseline``'s result for the pictures: (a suffix for a title naming PCA's test MSE,
+    ``plots.curves_figure``'s ``baseline``); ("", None) without a baseline."""
+    if pca is None:
+        return "", None
+    return (f" (PCA with {code_size} components: {pca.test_mse:.4f})",
+            (f"PCA, {code_size} components", pca.test_mse))
 
 
 def summary_line(summary: dict) -> str:

@@ -127,14 +127,13 @@ def write_pictures(cfg, ds, params, history: list[dict], out_dir: Path, epoch: i
     n = min(cfg.output.num_images, len(ds.test))
     originals = ds.test[:n]
     recon = reconstruct(model, params, originals)
-    code_size, pca = train.pca_baseline(cfg, ds)
-    against = "" if pca is None else f" (PCA with {code_size} components: {pca.test_mse:.4f})"
+    against, baseline = train.pca_labels(*train.pca_baseline(cfg, ds))
     mse = f": test MSE {history[-1]['test_mse']:.4f}{against}" if history else ""
     figures["reconstructions.png"] = plots.reconstruction_figure(
         data_lib.normalize(originals), recon, title=f"{where}{mse}")
     figures["curves.png"] = plots.curves_figure(
         history, loss_name=f"train loss ({cfg.train.loss.upper()})", title=where,
-        baseline=None if pca is None else (f"PCA, {code_size} components", pca.test_mse))
+        baseline=baseline)
     kernel = np.asarray(params["encoder_0"]["kernel"])  # [k, k, C, F]
     figures["filters.png"] = plots.filters_figure(
         kernel, title=f"{where}: the first encoder layer's {kernel.shape[-1]} filters "
