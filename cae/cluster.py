@@ -169,18 +169,26 @@ def open_run_dir(run_dir: Path, resolved: dict, overwrite: bool
     return outcomes[0] == "1", lock
 
 
-def _hard_exit_after(read_fd: int, grace_s: float, message: str,
-                     handled: threading.Event) -> None:
+_said = threading.Lock()  # the interruption's line is printed once, by whichever thread is first
+
+
+def say_once(message: str) -> None:
+    """Print ``message`` on stderr unless it was printed already (main thread or watchdog)."""
+    if _said.acquire(blocking=False):
+        print(message, file=sys.stderr, flush=True)
+
+
+def _hard_exit_after(read_fd: int, grace_s: float, message: str) -> None:
     """Watchdog thread: once SIGTERM's byte comes through the wakeup fd, give the main thread
     ``grace_s`` to end; if it is stuck in a C++ wait (a collective whose peer is gone) it never
-    gets to the Python handler, or its exit waits for a peer (jax.distributed's shutdown), so
-    end the process from here. ``handled``: the main thread took it (and said ``message``)."""
+    gets to the Python handler, or its exit waits for a peer (jax.distributed's shutdown) or
+    for a checkpoint being written, so end the process from here, saying ``message`` if the
+    main thread has not."""
     with os.fdopen(read_fd, "rb", buffering=0) as pipe:
         while data := pipe.read(64):
             if signal.SIGTERM in data:
                 time.sleep(grace_s)
-                if not handled.is_set():
-                    print(message, file=sys.stderr, flush=True)
+                say_once(message)
                 sys.stderr.flush()
                 os._exit(128 + signal.SIGTERM)
 
@@ -199,15 +207,12 @@ def terminate_promptly(message: str, grace_s: float = 5.0):
     read_fd, write_fd = os.pipe()
     os.set_blocking(write_fd, False)
 
-    handled = threading.Event()
-
     def raise_terminated(signum: int, frame: Any) -> None:
-        handled.set()
         raise Terminated()
 
     old_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
     old_handler = signal.signal(signal.SIGTERM, raise_terminated)
-    threading.Thread(target=_hard_exit_after, args=(read_fd, grace_s, message, handled),
+    threading.Thread(target=_hard_exit_after, args=(read_fd, grace_s, message),
                      daemon=True, name="cae-sigterm-watchdog").start()
     try:
         yield

@@ -618,7 +618,7 @@ def run_command(body, interrupted: str) -> tuple[int, Any]:
         print(interrupted, file=sys.stderr)
         return 130, None
     except cluster.Terminated:
-        print(interrupted, file=sys.stderr)
+        cluster.say_once(interrupted)
         return 143, None
 
 

@@ -287,6 +287,36 @@ def test_sigterm_stops_a_run_with_one_line_and_exit_143(mnist_dirs, subprocess_e
     assert "Traceback" not in err
 
 
+_SLOW_UNWIND = """
+import sys, time
+from cae import train
+def body():
+    try:
+        print("ready", flush=True)
+        time.sleep(60)
+    finally:
+        time.sleep(float(sys.argv[1]))  # e.g. a checkpoint being finished while unwinding
+train.exit_with(train.run_command(body, "interrupted: again")[0])
+"""
+
+
+@pytest.mark.parametrize("unwind_s", [0.0, 8.0], ids=["prompt", "slower_than_the_grace"])
+def test_sigterm_says_its_line_exactly_once_however_long_the_unwinding(subprocess_env,
+                                                                      unwind_s):
+    """The CI failure of 2026-12-06: the handler ran, then unwinding took longer than the
+    watchdog's 5 s grace, and the watchdog ended the process without the line."""
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_UNWIND, str(unwind_s)],
+                            env=subprocess_env, cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    t0 = time.time()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 143
+    assert err.splitlines() == ["interrupted: again"], err
+    assert time.time() - t0 < 7.5
+
+
 def test_ablate_under_several_processes_is_refused_with_one_line(capsys, monkeypatch):
     monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1")
     code = ablate.main(["--config", str(REPO / "configs" / "ablation_tied_vs_untied.yaml")])
