@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cae import ops
+from cae import cpu_speed, ops
 
 __all__ = ["ConvAutoencoder", "StridedConv", "TransposedConv", "ACTIVATIONS", "layer_sizes",
            "layer_plan", "code_shape", "kernel_hw"]
@@ -60,7 +60,7 @@ class StridedConv(nn.Module):
         kernel = self.param("kernel", _encoder_init,
                             (*kernel_hw(self.kernel_size), x.shape[-1], self.features))
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
-        return ops.add_bias(ops.conv(x, kernel, self.strides, self.padding), bias)
+        return cpu_speed.add_bias(ops.conv(x, kernel, self.strides, self.padding), bias)
 
 
 class TransposedConv(nn.Module):
@@ -87,7 +87,7 @@ class TransposedConv(nn.Module):
         op = ops.output_padding_for(self.output_hw, khw, self.strides, self.padding)
         x = ops.conv_transpose(y, kernel, self.strides, self.padding, op, impl=self.impl)
         assert x.shape[1:3] == tuple(self.output_hw), (x.shape, self.output_hw)
-        return ops.add_bias(x, bias)
+        return cpu_speed.add_bias(x, bias)
 
 
 class ConvAutoencoder(nn.Module):

@@ -80,6 +80,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from cae import cpu_speed
+
 __all__ = [
     "conv",
     "conv_transpose",
@@ -89,10 +91,7 @@ __all__ = [
     "output_padding_for",
     "resolve_padding",
     "IMPLEMENTATIONS",
-    "add_bias",
     "choose_impl",
-    "compile_fast",
-    "xla_compiler_options",
 ]
 
 Pair = tuple[int, int]
@@ -331,26 +330,6 @@ def _dense_conv_transpose(y, kernel):
     return x.astype(jnp.result_type(y, kernel)).reshape(y.shape[0], kh, kw, c_in)
 
 
-def _unfused(x):
-    """x itself, as the output of a 1x1 identity convolution [N, H, W, C] -> same (CPU only).
-
-    Why: a conv layer's input is usually an activation, ``relu(z + b)``, that XLA does not keep
-    for the backward pass but recomputes inside whatever consumes it. ``_kernel_cotangent``
-    transposes it ([N, H, W, C] -> [C, H, W, N]); XLA:CPU fuses the recomputation into that
-    transpose and then cannot use its fast tiled transpose: 2.3-3.5 ms instead of ~0.5 ms for the
-    [128, 14, 14, 32] activation of the default model. An identity conv (~0.3 ms; XLA never
-    fuses an elementwise producer into a convolution's *output*) hands the transpose a
-    materialised array: the training step gets ~1 ms (6 %) faster (BENCHMARKS.md, issue 5).
-    Exact for finite x: each output is ``x * 1`` plus zeros (a non-finite entry would spread
-    NaN along its pixel's channels; the loss is then non-finite anyway).
-    """
-    if x.shape[-1] < 8 or jax.default_backend() != "cpu":  # thin inputs: not worth a conv
-        return x
-    eye = jnp.eye(x.shape[-1], dtype=x.dtype)[None, None]
-    return lax.conv_general_dilated(x, eye, (1, 1), "VALID", dimension_numbers=_DN,
-                                    precision=lax.Precision.HIGHEST)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _conv(x, kernel, strides: Pair, pads: tuple[Pair, Pair]):
     return _conv_explicit(x, kernel, strides, pads)
@@ -376,7 +355,7 @@ def _conv_cotangents(strides, pads, x, kernel, g, x_for_kernel):
 
 def _conv_bwd(strides, pads, res, g):
     x, kernel = res
-    return _conv_cotangents(strides, pads, x, kernel, g, _unfused(x))
+    return _conv_cotangents(strides, pads, x, kernel, g, cpu_speed.materialize(x))
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
@@ -385,8 +364,8 @@ _conv.defvjp(_conv_fwd, _conv_bwd)
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _phase_conv(y, sub_kernel, pads: tuple[Pair, Pair]):
     """One phase of the sub-pixel form: a stride-1 ``_conv`` whose backward skips
-    ``_unfused`` (its input is a slice of the layer's y, and four identity convs per layer cost
-    more than they save: BENCHMARKS.md, issue 6)."""
+    ``cpu_speed.materialize`` (its input is a slice of the layer's y, and four identity convs
+    per layer cost more than they save: BENCHMARKS.md, issue 6)."""
     return _conv_explicit(y, sub_kernel, (1, 1), pads)
 
 
@@ -481,7 +460,8 @@ def _conv_transpose_bwd(strides, pads, op, res, g):
     # Cotangent for y: (C^T)^T g = C g, i.e. the forward strided conv of g, same kernel/pads.
     # No zeros are inserted anywhere: this is as cheap as the encoder's own conv.
     g_y = _conv_explicit(g, kernel, strides, pads).astype(y.dtype)
-    # Not _unfused(y), as ops.conv's backward does for its x: measured in the default training
+    # Not cpu_speed.materialize(y), as ops.conv's backward does for its x: measured in the
+    # default training
     # step (lax.scan), it made the step ~5 % slower although an isolated decoder step got ~12 %
     # faster (BENCHMARKS.md, issue 6).
     g_k = _kernel_cotangent(g, y, _kernel_hw(kernel), strides, pads, kernel.dtype)
@@ -796,76 +776,3 @@ def conv_transpose_autodiff(y: jax.Array, kernel: jax.Array, strides=1,
     s = _strides(strides)
     pads, op = _transpose_geometry(y.shape[1:3], khw, s, padding, output_padding)
     return _conv_transpose_lax_fwd_only(y, kernel, s, pads, op)
-
-
-# ----------------------------------------------------------------------------------------------
-# Bias
-# ----------------------------------------------------------------------------------------------
-
-# Sum [M, C] over M by summing rows of about this many floats first: XLA:CPU vectorises a
-# reduction along its contiguous (minor) axis; with only C = 32 floats there it runs ~2.5x
-# slower than with 256 (0.43 vs 0.18 ms for a [128, 14, 14, 32] cotangent on 2 cores).
-_ROW = 256
-
-
-def _sum_over_leading(g: jax.Array) -> jax.Array:
-    """g: [..., C] -> [C], the sum over all leading axes (the cotangent of a broadcast bias)."""
-    c = g.shape[-1]
-    m = g.size // c
-    k = max((d for d in range(1, max(_ROW // c, 1) + 1) if m % d == 0), default=1)
-    return g.reshape(m // k, k * c).sum(0).reshape(k, c).sum(0)
-
-
-@jax.custom_vjp
-def add_bias(x: jax.Array, bias: jax.Array) -> jax.Array:
-    """``x + bias`` for x: [..., C], bias: [C]. Same values and gradients as the plain ``+``; the
-    bias gradient is summed in an order XLA:CPU runs faster (``_sum_over_leading``)."""
-    return x + bias
-
-
-def _add_bias_fwd(x, bias):
-    # Empty arrays carry the input dtypes to the backward (x + bias may have promoted them).
-    return x + bias, (jnp.zeros((0,), x.dtype), jnp.zeros((0,), bias.dtype))
-
-
-def _add_bias_bwd(dtypes, g):
-    x_dtype, bias_dtype = (d.dtype for d in dtypes)
-    return g.astype(x_dtype), _sum_over_leading(g).astype(bias_dtype)
-
-
-add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
-
-
-# ----------------------------------------------------------------------------------------------
-# Compiling programs that use these ops
-# ----------------------------------------------------------------------------------------------
-
-# XLA:CPU (jaxlib 0.10) hands convolutions, dots and reductions to YNNPACK ("ynn_fusion" in the
-# compiled HLO) by default. For our shapes its convolutions are slower than XLA's own (Eigen):
-# the mnist_tied training step, 50 steps in one lax.scan on 2 Intel Xeon (Sapphire Rapids) cores,
-# takes ~29 ms with YNNPACK and ~22 ms without (BENCHMARKS.md, issue 5); the strided 14x14x32 ->
-# 7x7x64 conv alone 2.4 vs 1.2 ms. An empty fusion-type list turns YNNPACK off for that program.
-_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
-
-
-def xla_compiler_options(backend: str | None = None) -> dict[str, str]:
-    """XLA options we compile training programs with on ``backend`` (default: JAX's default
-    backend): on CPU, convolutions by XLA's own emitter instead of YNNPACK; elsewhere none."""
-    backend = jax.default_backend() if backend is None else backend
-    return dict(_CPU_OPTIONS) if backend == "cpu" else {}
-
-
-def compile_fast(lowered: jax.stages.Lowered) -> jax.stages.Compiled:
-    """``lowered.compile()`` with :func:`xla_compiler_options`.
-
-    A jaxlib that does not know an option (it is an experimental XLA flag) rejects it; the
-    program is then compiled with XLA's defaults: same results, only the speed differs.
-    """
-    options = xla_compiler_options()
-    if options:
-        try:
-            return lowered.compile(options)
-        except Exception as err:  # noqa: BLE001 - jaxlib raises a generic runtime error
-            if not any(name in str(err) for name in options):
-                raise
-    return lowered.compile()

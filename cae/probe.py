@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from cae import cpu_speed
 from cae import data as data_lib
-from cae import ops
 
 __all__ = ["encode_images", "standardize", "fit_logistic_regression", "predict",
            "linear_probe", "probe_dataset", "DEFAULT_STEPS", "DEFAULT_L2"]
@@ -48,8 +48,8 @@ def encode_images(apply_fn, params, images: np.ndarray, batch_size: int) -> np.n
     batch_size = max(1, min(batch_size, n))
     if n == 0:
         return np.zeros((0, 0), np.float32)
-    # One program for every batch, compiled as cae.train compiles its own (ops.compile_fast).
-    encode = ops.compile_fast(_encode_batch.lower(apply_fn, params, images[:batch_size]))
+    # One program for every batch, compiled as cae.train compiles its own (cpu_speed.compile_fast).
+    encode = cpu_speed.compile_fast(_encode_batch.lower(apply_fn, params, images[:batch_size]))
     codes = None
     for start in range(0, n, batch_size):
         batch = images[start:start + batch_size]

@@ -7,7 +7,7 @@ on the machine hits all alike; the figure is the median over ``--rounds``):
 * ``jax per-step``   ``cae.train.train_step``: one jitted call per batch, the batch copied from
                      host memory each step (what most JAX examples do);
 * ``jax scan``       ``cae.train.train_steps``: the data on the device, ``--steps`` steps as one
-                     compiled ``lax.scan`` program, compiled with ``cae.ops.compile_fast``
+                     compiled ``lax.scan`` program, compiled with ``cae.cpu_speed.compile_fast``
                      (on CPU: XLA's own convolutions, not YNNPACK's); what ``cae.train`` runs;
 * ``jax scan, XLA default``  the same program compiled with XLA's default options (on CPU
                      only; shows what ``compile_fast`` buys);
@@ -44,8 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 from bench_ops import config_from_command_line, cpu_model
 
+from cae import cpu_speed, models, ops, train
 from cae import data as data_lib
-from cae import models, ops, train
 
 
 def load_images(cfg) -> tuple[np.ndarray, str]:
@@ -180,10 +180,10 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     scan_lowered = train.train_steps.lower(state, train_images, batches, np.int32(0), steps)
-    scan_prog = ops.compile_fast(scan_lowered)
+    scan_prog = cpu_speed.compile_fast(scan_lowered)
     compile_chunk = time.perf_counter() - t0
     progs = {"jax scan": scan_prog}
-    if ops.xla_compiler_options():
+    if cpu_speed.xla_compiler_options():
         progs["jax scan, XLA default"] = scan_lowered.compile()
     t0 = time.perf_counter()
     step_prog = train.train_step.lower(state, images[host_perm[0]]).compile()
@@ -230,7 +230,7 @@ def main(argv=None) -> int:
 
     # One whole epoch as one compiled program.
     t0 = time.perf_counter()
-    epoch_prog = ops.compile_fast(train.train_steps.lower(states["jax scan"], train_images,
+    epoch_prog = cpu_speed.compile_fast(train.train_steps.lower(states["jax scan"], train_images,
                                                           batches, np.int32(0), steps_per_epoch))
     compile_epoch = time.perf_counter() - t0
     epoch_s = _timed(lambda: jax.block_until_ready(

@@ -4,7 +4,7 @@
 A conv whose kernel covers its whole input (``model.code_size``'s layer) is a matrix product;
 ``cae.ops`` runs it (and its transpose, and both gradients) as GEMMs. This A/B measures what
 that buys in ``cae.train``'s own program (``train.train_steps`` compiled with
-``ops.compile_fast``), in one process: ``gemm`` is the shipped path, ``conv`` the same model
+``cpu_speed.compile_fast``), in one process: ``gemm`` is the shipped path, ``conv`` the same model
 with the GEMM path switched off (``ops._covers_input`` forced to False, so the layer goes to
 ``lax.conv_general_dilated`` and ``choose_impl``'s transposed conv). Rounds alternate the two,
 each timed call after an untimed one of the same program; the figure is the median ms/step and
@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from bench_ops import config_from_command_line, cpu_model
 
-from cae import ops, train
+from cae import cpu_speed, ops, train
 
 
 def compile_step(cfg, images, batches, gemm: bool):
@@ -45,8 +45,8 @@ def compile_step(cfg, images, batches, gemm: bool):
         ops._covers_input = lambda *args: False  # traced now: the program keeps the conv path
     try:
         state = train.create_train_state(cfg, images.shape[1:], 1000)
-        program = ops.compile_fast(train.train_steps.lower(state, images, batches, np.int32(0),
-                                                           len(batches)))
+        lowered = train.train_steps.lower(state, images, batches, np.int32(0), len(batches))
+        program = cpu_speed.compile_fast(lowered)
     finally:
         ops._covers_input = real
     return program, state

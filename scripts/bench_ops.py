@@ -41,7 +41,7 @@ bottleneck model (``configs/mnist_tied_bottleneck.yaml``, features [32, 64, 16]:
 * decoder_wide wide2 -> relu -> dec3 (``configs/mnist_tied_wide.yaml``'s decoder)
 * decoder_bn   dec1 -> relu -> dec2 -> relu -> dec3
 
-Every JAX method is compiled with ``cae.ops.compile_fast`` (on CPU: XLA's own convolutions
+Every JAX method is compiled with ``cae.cpu_speed.compile_fast`` (on CPU: XLA's own convolutions
 instead of YNNPACK's, as ``cae.train`` compiles its programs); ``--xla-default`` compiles them
 with XLA's default options instead. Each method's gradients are checked against autodiff
 before timing. Timing: warm-up calls
@@ -86,7 +86,7 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
-from cae import ops
+from cae import cpu_speed, ops
 
 JAX_METHODS = ("auto", "lax", "subpixel", "subpixel_phasewise", "phase", "zero_insertion",
                "autodiff", "vjp_conv")
@@ -260,7 +260,7 @@ def bench(name, layers, methods, reps, torch, xla_default=False):
             thunks[m] = run
         else:
             lowered = jax_step(m, layers).lower(yj, gj, kj)
-            step = lowered.compile() if xla_default else ops.compile_fast(lowered)
+            step = lowered.compile() if xla_default else cpu_speed.compile_fast(lowered)
             grads = jax.block_until_ready(step(yj, gj, kj))[1]  # compile
             thunks[m] = functools.partial(run_jax, step, yj, gj, kj)
         if m == BASELINE:
@@ -328,7 +328,7 @@ def main(argv=None):
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     ap.add_argument("--xla-default", action="store_true",
-                    help="compile with XLA's default options, not cae.ops.compile_fast's")
+                    help="compile with XLA's default options, not cae.cpu_speed.compile_fast's")
     args = ap.parse_args(argv)
 
     methods = [m.strip() for m in args.impls.split(",") if m.strip()]
@@ -365,7 +365,7 @@ def main(argv=None):
         "torch_threads": torch.get_num_threads() if torch is not None else None,
         "batch": args.batch,
         "reps": args.reps,
-        "xla_options": {} if args.xla_default else ops.xla_compiler_options(),
+        "xla_options": {} if args.xla_default else cpu_speed.xla_compiler_options(),
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
     }
     print(f"# machine: {info['cpu']} ({info['cores']} cores), {info['platform']}")

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from conftest import PYTHON, REPO
 
-from cae import config, data, ops, train
+from cae import config, cpu_speed, data, train
 
 SMOKE = REPO / "configs" / "smoke.yaml"
 SMALL = ["data.max_train_examples=4096", "train.batch_size=64"]  # 64 steps: chunks of 50 + 14
@@ -95,15 +95,15 @@ def test_train_steps_equals_the_per_step_path(mnist):
 
 
 def test_compile_fast_changes_speed_not_results(mnist):
-    """``ops.compile_fast`` (what cae.train compiles its programs with) gives the same losses and
-    parameters as XLA's default compilation; on CPU, where XLA hands convolutions to YNNPACK by
-    default, the program it compiles has none of them left there."""
+    """``cpu_speed.compile_fast`` (what cae.train compiles its programs with) gives the same
+    losses and parameters as XLA's default compilation; on CPU, where XLA hands convolutions to
+    YNNPACK by default, the program it compiles has none of them left there."""
     cfg = config.load_config(SMOKE, ["train.batch_size=32"])
     images = jnp.asarray(mnist.train[:32 * 4])
     batches = jnp.arange(32 * 4, dtype=jnp.int32).reshape(4, 32)
     state = train.create_train_state(cfg, mnist.image_shape, 100)
     lowered = train.train_steps.lower(state, images, batches, np.int32(0), 4)
-    default, fast = lowered.compile(), ops.compile_fast(lowered)
+    default, fast = lowered.compile(), cpu_speed.compile_fast(lowered)
     out = {}
     for name, program in (("default", default), ("fast", fast)):
         out[name] = program(jax.tree.map(jnp.copy, state), images, batches, np.int32(0))
@@ -113,10 +113,10 @@ def test_compile_fast_changes_speed_not_results(mnist):
                     jax.tree.leaves(out["default"][0].params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
     if jax.default_backend() == "cpu":
-        assert ops.xla_compiler_options()
+        assert cpu_speed.xla_compiler_options()
         if "ynn_fusion" in default.as_text():
             assert "ynn_fusion" not in fast.as_text()
-    assert ops.xla_compiler_options("gpu") == ops.xla_compiler_options("tpu") == {}
+    assert cpu_speed.xla_compiler_options("gpu") == cpu_speed.xla_compiler_options("tpu") == {}
 
 
 @pytest.mark.parametrize("eval_batch_size", [1000, 384, 7])
@@ -209,6 +209,6 @@ def test_loss_is_summed_accurately_whatever_the_xla_options(mnist):
     want = np.mean(np.maximum(logits, 0) - logits * x + np.log1p(np.exp(-np.abs(logits))))
     lowered = jax.jit(lambda p, im: train.loss_fn(p, state.apply_fn, im, "bce")).lower(
         state.params, images)
-    for program in (lowered.compile(), ops.compile_fast(lowered)):
+    for program in (lowered.compile(), cpu_speed.compile_fast(lowered)):
         got = float(program(state.params, images))
         assert abs(got - want) / want < 2e-6, (got, want)

@@ -49,7 +49,7 @@ from hypothesis import strategies as st
 from jax import lax
 from jax.test_util import check_grads
 
-from cae import ops
+from cae import cpu_speed, ops
 
 IMPLS = sorted(ops.IMPLEMENTATIONS)
 DN = ("NHWC", "HWIO", "NHWC")
@@ -992,15 +992,15 @@ def test_default_impl_compiles_where_lax_conv_transpose_aborts():
 
 @pytest.mark.parametrize("shape", [(128, 14, 14, 32), (3, 5, 7, 3), (13, 1, 1, 300), (2, 64)])
 def test_add_bias_is_plus_with_the_same_gradients(shape):
-    """ops.add_bias only reorders the bias-gradient sum: values and both gradients equal those
+    """cpu_speed.add_bias only reorders the bias-gradient sum: values and both gradients equal those
     of ``x + bias`` (float64 reference for the sum; M = 13, 105, ... exercise the row split
     when the leading size has no convenient divisor)."""
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
     bias = jnp.asarray(rng.standard_normal(shape[-1:]), jnp.float32)
     g = rng.standard_normal(shape).astype(np.float32)
-    np.testing.assert_array_equal(np.asarray(ops.add_bias(x, bias)), np.asarray(x + bias))
-    out, vjp = jax.vjp(jax.jit(ops.add_bias), x, bias)
+    np.testing.assert_array_equal(np.asarray(cpu_speed.add_bias(x, bias)), np.asarray(x + bias))
+    out, vjp = jax.vjp(jax.jit(cpu_speed.add_bias), x, bias)
     g_x, g_b = vjp(jnp.asarray(g))
     np.testing.assert_array_equal(np.asarray(g_x), g)
     want = g.astype(np.float64).reshape(-1, shape[-1]).sum(0)
@@ -1009,12 +1009,12 @@ def test_add_bias_is_plus_with_the_same_gradients(shape):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_unfused_is_an_exact_copy(dtype):
-    """ops._unfused (the identity 1x1 conv ops.conv's backward feeds its kernel cotangent on
-    CPU) returns its input bit for bit, at the default model's activation shape."""
+    """cpu_speed.materialize (the identity 1x1 conv ops.conv's backward feeds its kernel
+    cotangent on CPU) returns its input bit for bit, at the default model's activation shape."""
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.standard_normal((16, 14, 14, 32)) * 10.0 ** rng.integers(-20, 20, (32,)),
                     dtype)
-    got = jax.jit(ops._unfused)(x)
+    got = jax.jit(cpu_speed.materialize)(x)
     assert got.dtype == x.dtype and got.shape == x.shape
     np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(x, np.float32))
 
@@ -1022,6 +1022,6 @@ def test_unfused_is_an_exact_copy(dtype):
 def test_add_bias_mixed_dtypes_get_cotangents_of_their_own_dtype():
     x = jnp.ones((2, 3, 4), jnp.float32)
     bias = jnp.ones((4,), jnp.bfloat16)
-    g_x, g_b = jax.grad(lambda x, b: jnp.sum(ops.add_bias(x, b)), (0, 1))(x, bias)
+    g_x, g_b = jax.grad(lambda x, b: jnp.sum(cpu_speed.add_bias(x, b)), (0, 1))(x, bias)
     assert g_x.dtype == jnp.float32 and g_b.dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(g_b, np.float32), np.full(4, 6.0, np.float32))

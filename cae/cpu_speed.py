@@ -1,0 +1,104 @@
+"""Speed devices for XLA:CPU: what makes the same math run faster on a CPU, kept apart from the
+math in :mod:`cae.ops`. Each changes only speed (the tests check values and gradients against
+the plain expressions); each line of reasoning points to its figure in BENCHMARKS.md.
+
+* :func:`compile_fast`: compile with XLA's own convolutions instead of YNNPACK (~1.3x faster
+  training step on CPU; BENCHMARKS.md, "Fast training on CPU").
+* :func:`add_bias`: ``x + bias`` whose bias gradient is summed in rows XLA:CPU vectorises.
+* :func:`materialize`: an identity 1x1 conv that stops XLA:CPU fusing a recomputed activation
+  into the transpose of the kernel cotangent.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+__all__ = ["add_bias", "compile_fast", "materialize", "xla_compiler_options"]
+
+
+def materialize(x: jax.Array) -> jax.Array:
+    """x itself, as the output of a 1x1 identity convolution [N, H, W, C] -> same (CPU only).
+
+    Why: a conv layer's input is usually an activation, ``relu(z + b)``, that XLA does not keep
+    for the backward pass but recomputes inside whatever consumes it. ``ops``' kernel cotangent
+    transposes it ([N, H, W, C] -> [C, H, W, N]); XLA:CPU fuses the recomputation into that
+    transpose and then cannot use its fast tiled transpose: 2.3-3.5 ms instead of ~0.5 ms for the
+    [128, 14, 14, 32] activation of the default model. An identity conv (~0.3 ms; XLA never
+    fuses an elementwise producer into a convolution's *output*) hands the transpose a
+    materialised array: the training step gets ~1 ms (6 %) faster (BENCHMARKS.md, issue 5).
+    Exact for finite x: each output is ``x * 1`` plus zeros (a non-finite entry would spread
+    NaN along its pixel's channels; the loss is then non-finite anyway).
+    """
+    if x.shape[-1] < 8 or jax.default_backend() != "cpu":  # thin inputs: not worth a conv
+        return x
+    eye = jnp.eye(x.shape[-1], dtype=x.dtype)[None, None]
+    return lax.conv_general_dilated(x, eye, (1, 1), "VALID",
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                    precision=lax.Precision.HIGHEST)
+
+
+# Sum [M, C] over M by summing rows of about this many floats first: XLA:CPU vectorises a
+# reduction along its contiguous (minor) axis; with only C = 32 floats there it runs ~2.5x
+# slower than with 256 (0.43 vs 0.18 ms for a [128, 14, 14, 32] cotangent on 2 cores).
+_ROW = 256
+
+
+def _sum_over_leading(g: jax.Array) -> jax.Array:
+    """g: [..., C] -> [C], the sum over all leading axes (the cotangent of a broadcast bias)."""
+    c = g.shape[-1]
+    m = g.size // c
+    k = max((d for d in range(1, max(_ROW // c, 1) + 1) if m % d == 0), default=1)
+    return g.reshape(m // k, k * c).sum(0).reshape(k, c).sum(0)
+
+
+@jax.custom_vjp
+def add_bias(x: jax.Array, bias: jax.Array) -> jax.Array:
+    """``x + bias`` for x: [..., C], bias: [C]. Same values and gradients as the plain ``+``; the
+    bias gradient is summed in an order XLA:CPU runs faster (``_sum_over_leading``)."""
+    return x + bias
+
+
+def _add_bias_fwd(x, bias):
+    # Empty arrays carry the input dtypes to the backward (x + bias may have promoted them).
+    return x + bias, (jnp.zeros((0,), x.dtype), jnp.zeros((0,), bias.dtype))
+
+
+def _add_bias_bwd(dtypes, g):
+    x_dtype, bias_dtype = (d.dtype for d in dtypes)
+    return g.astype(x_dtype), _sum_over_leading(g).astype(bias_dtype)
+
+
+add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
+
+
+# XLA:CPU (jaxlib 0.10) hands convolutions, dots and reductions to YNNPACK ("ynn_fusion" in the
+# compiled HLO) by default. For our shapes its convolutions are slower than XLA's own (Eigen):
+# the mnist_tied training step, 50 steps in one lax.scan on 2 Intel Xeon (Sapphire Rapids) cores,
+# takes ~29 ms with YNNPACK and ~22 ms without (BENCHMARKS.md, issue 5); the strided 14x14x32 ->
+# 7x7x64 conv alone 2.4 vs 1.2 ms. An empty fusion-type list turns YNNPACK off for that program.
+_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+def xla_compiler_options(backend: str | None = None) -> dict[str, str]:
+    """XLA options we compile training programs with on ``backend`` (default: JAX's default
+    backend): on CPU, convolutions by XLA's own emitter instead of YNNPACK; elsewhere none."""
+    backend = jax.default_backend() if backend is None else backend
+    return dict(_CPU_OPTIONS) if backend == "cpu" else {}
+
+
+def compile_fast(lowered: jax.stages.Lowered) -> jax.stages.Compiled:
+    """``lowered.compile()`` with :func:`xla_compiler_options`.
+
+    A jaxlib that does not know an option (it is an experimental XLA flag) rejects it; the
+    program is then compiled with XLA's defaults: same results, only the speed differs.
+    """
+    options = xla_compiler_options()
+    if options:
+        try:
+            return lowered.compile(options)
+        except Exception as err:  # noqa: BLE001 - jaxlib raises a generic runtime error
+            if not any(name in str(err) for name in options):
+                raise
+    return lowered.compile()
