@@ -199,8 +199,8 @@ def conv_transpose_output_size(size: int, kernel_size: int, stride: int, pad: Pa
 def check_kernel_fits(input_hw: Sequence[int], kernel_hw: Sequence[int],
                       pads: Sequence[Pair]) -> None:
     """Raise ``ValueError`` unless the kernel fits in the padded input along H and W (else the
-    conv has no output). The one place this is checked: ``conv``, ``output_padding_for`` and
-    ``cae.models.layer_sizes`` call it."""
+    conv has no output). ``conv``, ``output_padding_for`` and ``cae.models.layer_sizes`` share
+    this one check."""
     for size, k, p, axis in zip(input_hw, kernel_hw, pads, "HW"):
         if size + p[0] + p[1] < k:
             raise ValueError(
