@@ -1,13 +1,13 @@
 """Speed devices for XLA:CPU: what makes the same math run faster on a CPU, kept apart from the
 math in :mod:`cae.ops`. Each changes only speed (the tests check values and gradients against
-the plain expressions); BENCHMARKS.md, "Issues 5 and 6, second pass", has the figures.
+the plain expressions). BENCHMARKS.md, "Fast training on CPU", has one row per device with its
+figure.
 
 * :func:`compile_fast`: compile with XLA's own convolutions instead of YNNPACK's, which are
-  slower at our shapes (item 1 there).
-* :func:`add_bias`: ``x + bias`` whose bias gradient is summed along rows XLA:CPU vectorises
-  (item 3).
+  slower at our shapes.
+* :func:`add_bias`: ``x + bias`` whose bias gradient is summed along rows XLA:CPU vectorises.
 * :func:`materialize`: an identity 1x1 conv that keeps XLA:CPU from fusing a recomputed
-  activation into the transpose feeding a kernel cotangent (item 4).
+  activation into the transpose feeding a kernel cotangent.
 """
 
 from __future__ import annotations
@@ -27,9 +27,10 @@ def materialize(x: jax.Array) -> jax.Array:
     transposes it ([N, H, W, C] -> [C, H, W, N]); XLA:CPU fuses the recomputation into that
     transpose and then cannot use its fast tiled transpose. XLA never fuses an elementwise
     producer into a convolution's *output*, so an identity conv hands the transpose a
-    materialised array (BENCHMARKS.md, "Issues 5 and 6, second pass", item 4). ``ops.conv``'s
-    backward uses it for its input; on the transposed conv's input it made the training step
-    slower (same item), so ``ops.conv_transpose_cotangents`` does not.
+    materialised array (BENCHMARKS.md, "Fast training on CPU"). ``ops.conv``'s backward uses it
+    for its input; on the transposed conv's input it made the training step slower
+    (BENCHMARKS.md, "Issues 5 and 6, second pass", item 4), so ``ops.conv_transpose_cotangents``
+    does not.
     Exact for finite x: each output is ``x * 1`` plus zeros (a non-finite entry would spread
     NaN along its pixel's channels; the loss is then non-finite anyway).
     """

@@ -69,7 +69,7 @@ co]``, i.e. ``y = flatten(x) @ W`` with ``W = K.reshape(kh*kw*C_in, C_out)``, an
 ``x = (y @ W^T).reshape(N, kh, kw, C_in)`` (``output_padding`` must be 0: it would add rows no
 tap reaches). ``conv`` and ``conv_transpose(impl="auto")`` run that geometry as one GEMM, which
 XLA:CPU runs about twice as fast as the same product written as a convolution (BENCHMARKS.md,
-"The fully connected code as one GEMM").
+"Fast training on CPU").
 """
 
 from __future__ import annotations
@@ -563,8 +563,8 @@ DEFAULT_IMPL = AUTO
 
 # choose_impl: below this many output channels (the kernel's C_in) the sub-pixel form's s*s
 # separate convolutions are each too thin to pay for themselves, and one convolution over the
-# zero-inserted y is faster: C_in = 1, the decoder's last layer (BENCHMARKS.md, "Issue 6:
-# conv_transpose vs PyTorch (CPU)" and "impl="zero_insertion" and auto no longer picking lax").
+# zero-inserted y is faster: C_in = 1, the decoder's last layer (BENCHMARKS.md, "Fast training
+# on CPU", and the log's "impl="zero_insertion" and auto no longer picking lax").
 _SUBPIXEL_MIN_CHANNELS = 8
 
 
