@@ -18,13 +18,17 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from cae import models, ops
+
 __all__ = [
     "Config", "DataConfig", "ModelConfig", "TrainConfig", "OutputConfig", "ConfigError",
     "load_config", "apply_overrides", "from_dict", "to_dict", "to_yaml", "per_layer",
     "CommandLineParser",
 ]
 
-ACTIVATIONS = ("relu", "leaky_relu", "gelu", "silu", "elu", "tanh")
+# Allowed names, read from where they are defined (the Literal types below list them).
+_ACTIVATIONS = tuple(models.ACTIVATIONS)
+_IMPLS = (ops.AUTO, *ops.IMPLEMENTATIONS)
 
 
 class ConfigError(ValueError):
@@ -47,15 +51,14 @@ class ModelConfig:
     strides: int | list[int] = 2
     padding: int | str | list[int | str] = 1  # ints, "SAME" or "VALID"
     tied: bool = True  # decoder layer i reuses encoder layer i's kernel array
-    activation: Literal[ACTIVATIONS] = "relu"
+    activation: Literal[_ACTIVATIONS] = "relu"
     # On the code (the last encoder layer's output): "none" keeps it linear in the last conv.
-    code_activation: Literal[("none", *ACTIVATIONS)] = "none"
+    code_activation: Literal[("none", *_ACTIVATIONS)] = "none"
     # A fully connected bottleneck after the convs: the code is code_size numbers per image (a
     # VALID stride-1 conv whose kernel covers the last conv's output map; its transpose is W^T).
     # null: the code is the last conv's output map, h * w * features[-1] numbers.
     code_size: int | None = None
-    conv_transpose_impl: Literal["auto", "lax", "subpixel", "subpixel_phasewise", "phase",
-                                 "zero_insertion"] = "auto"
+    conv_transpose_impl: Literal[_IMPLS] = "auto"
 
 
 @dataclasses.dataclass

@@ -1,12 +1,13 @@
 """Speed devices for XLA:CPU: what makes the same math run faster on a CPU, kept apart from the
 math in :mod:`cae.ops`. Each changes only speed (the tests check values and gradients against
-the plain expressions); each line of reasoning points to its figure in BENCHMARKS.md.
+the plain expressions). BENCHMARKS.md, "Fast training on CPU", has one row per device with its
+figure.
 
-* :func:`compile_fast`: compile with XLA's own convolutions instead of YNNPACK (~1.3x faster
-  training step on CPU; BENCHMARKS.md, "Fast training on CPU").
-* :func:`add_bias`: ``x + bias`` whose bias gradient is summed in rows XLA:CPU vectorises.
-* :func:`materialize`: an identity 1x1 conv that stops XLA:CPU fusing a recomputed activation
-  into the transpose of the kernel cotangent.
+* :func:`compile_fast`: compile with XLA's own convolutions instead of YNNPACK's, which are
+  slower at our shapes.
+* :func:`add_bias`: ``x + bias`` whose bias gradient is summed along rows XLA:CPU vectorises.
+* :func:`materialize`: an identity 1x1 conv that keeps XLA:CPU from fusing a recomputed
+  activation into the transpose feeding a kernel cotangent.
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ def materialize(x: jax.Array) -> jax.Array:
     Why: a conv layer's input is usually an activation, ``relu(z + b)``, that XLA does not keep
     for the backward pass but recomputes inside whatever consumes it. ``ops``' kernel cotangent
     transposes it ([N, H, W, C] -> [C, H, W, N]); XLA:CPU fuses the recomputation into that
-    transpose and then cannot use its fast tiled transpose: 2.3-3.5 ms instead of ~0.5 ms for the
-    [128, 14, 14, 32] activation of the default model. An identity conv (~0.3 ms; XLA never
-    fuses an elementwise producer into a convolution's *output*) hands the transpose a
-    materialised array: the training step gets ~1 ms (6 %) faster (BENCHMARKS.md, issue 5).
+    transpose and then cannot use its fast tiled transpose. XLA never fuses an elementwise
+    producer into a convolution's *output*, so an identity conv hands the transpose a
+    materialised array (BENCHMARKS.md, "Fast training on CPU"). ``ops.conv``'s backward uses it
+    for its input; on the transposed conv's input it made the training step slower
+    (BENCHMARKS.md, "Issues 5 and 6, second pass", item 4), so ``ops.conv_transpose_cotangents``
+    does not.
     Exact for finite x: each output is ``x * 1`` plus zeros (a non-finite entry would spread
     NaN along its pixel's channels; the loss is then non-finite anyway).
     """
@@ -40,8 +43,7 @@ def materialize(x: jax.Array) -> jax.Array:
 
 
 # Sum [M, C] over M by summing rows of about this many floats first: XLA:CPU vectorises a
-# reduction along its contiguous (minor) axis; with only C = 32 floats there it runs ~2.5x
-# slower than with 256 (0.43 vs 0.18 ms for a [128, 14, 14, 32] cotangent on 2 cores).
+# reduction along its contiguous (minor) axis, and C = 32 floats there is too short a row.
 _ROW = 256
 
 
@@ -74,10 +76,8 @@ add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
 
 
 # XLA:CPU (jaxlib 0.10) hands convolutions, dots and reductions to YNNPACK ("ynn_fusion" in the
-# compiled HLO) by default. For our shapes its convolutions are slower than XLA's own (Eigen):
-# the mnist_tied training step, 50 steps in one lax.scan on 2 Intel Xeon (Sapphire Rapids) cores,
-# takes ~29 ms with YNNPACK and ~22 ms without (BENCHMARKS.md, issue 5); the strided 14x14x32 ->
-# 7x7x64 conv alone 2.4 vs 1.2 ms. An empty fusion-type list turns YNNPACK off for that program.
+# compiled HLO) by default; at our shapes its convolutions are slower than XLA's own (Eigen).
+# An empty fusion-type list turns YNNPACK off for the program compiled with it.
 _CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 

@@ -224,13 +224,10 @@ def layer_sizes(input_hw: Sequence[int], kernel_size: Sequence[Any], strides: Se
         hw = sizes[-1]
         khw = kernel_hw(k)
         pads = ops.resolve_padding(p, hw, khw, s)
-        out = []
-        for size, kk, pad in zip(hw, khw, pads):
-            if size + pad[0] + pad[1] < kk:
-                raise ValueError(
-                    f"encoder layer {i}: kernel_size {k} is larger than its padded input "
-                    f"{size}+{pad[0]}+{pad[1]} (sizes so far: {sizes})"
-                )
-            out.append(ops.conv_output_size(size, kk, s, pad))
-        sizes.append(tuple(out))
+        try:
+            ops.check_kernel_fits(hw, khw, pads)
+        except ValueError as err:
+            raise ValueError(f"encoder layer {i}: {err} (sizes so far: {sizes})") from None
+        sizes.append(tuple(ops.conv_output_size(size, kk, s, pad)
+                           for size, kk, pad in zip(hw, khw, pads)))
     return sizes

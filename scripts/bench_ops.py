@@ -7,15 +7,15 @@ really computed: the gradients of this linear loss do not need the forward outpu
 otherwise drop it. Methods:
 
 * ``auto``      ``ops.conv_transpose(...)``, the default: ``ops.choose_impl`` per layer
-* ``lax``       ``ops.conv_transpose(..., impl="lax")``  (lax.conv_transpose + custom VJP)
+* ``lax``       ``conv_transpose_variants.LAX``  (lax.conv_transpose + the shared custom VJP)
 * ``subpixel``  ``ops.conv_transpose(..., impl="subpixel")``  (phase decomposition + custom VJP)
 * ``subpixel_phasewise``  the same forward, differentiated phase by phase (s*s stride-1 convs
                 in the backward; ``auto``'s pick where the stride divides the kernel)
-* ``phase``     ``ops.conv_transpose(..., impl="phase")``  (all phases as one im2col GEMM
+* ``phase``     ``conv_transpose_variants.PHASE``  (all phases as one im2col GEMM
                 + custom VJP whose backward is two GEMMs)
 * ``zero_insertion``  ``ops.conv_transpose(..., impl="zero_insertion")`` (explicit zero
-                insertion by lax.pad, one stride-1 conv + the "lax" custom VJP)
-* ``autodiff``  ``ops.conv_transpose_autodiff``: plain lax.conv_transpose, JAX's own autodiff
+                insertion by lax.pad, one stride-1 conv + the shared custom VJP)
+* ``autodiff``  ``conv_transpose_variants.AUTODIFF``: plain lax.conv_transpose, JAX's own autodiff
                 (the baseline; ratios are time / autodiff time, measured in the same run)
 * ``vjp_conv``  the transposed conv defined as ``jax.vjp`` of ``ops.conv`` w.r.t. its input,
                 differentiated by ``jax.value_and_grad`` like the others
@@ -85,6 +85,7 @@ import jax
 import jax.numpy as jnp
 import jaxlib
 import numpy as np
+from conv_transpose_variants import VARIANTS  # next to this script: the comparison-only forms
 
 from cae import cpu_speed, ops
 
@@ -145,8 +146,8 @@ def transpose_fn(method, lay):
               output_padding=lay["output_padding"])
     if method in ops.IMPLEMENTATIONS or method == ops.AUTO:
         return lambda y, k: ops.conv_transpose(y, k, **kw, impl=method)
-    if method == "autodiff":
-        return lambda y, k: ops.conv_transpose_autodiff(y, k, **kw)
+    if method in VARIANTS:  # lax, phase, autodiff
+        return lambda y, k: ops.conv_transpose(y, k, **kw, impl=VARIANTS[method])
     if method == "vjp_conv":
         x_shape = lay["x_shape"]
 

@@ -109,7 +109,10 @@ BAD_OVERRIDES = [
     (["model.code_activation=sigmoid"],
      r"model\.code_activation='sigmoid': allowed are 'none' \| 'relu'"),
     (["model.conv_transpose_impl=fft"],
-     r"model\.conv_transpose_impl='fft': allowed are 'auto' \| 'lax'"),
+     r"model\.conv_transpose_impl='fft': allowed are 'auto' \| 'subpixel' \| "
+     r"'subpixel_phasewise' \| 'zero_insertion'$"),
+    (["model.conv_transpose_impl=lax"],  # comparison-only forms are not model options
+     r"model\.conv_transpose_impl='lax': allowed are 'auto' \|"),
     (["data.name="], r"data\.name=None: expected str"),
     (["data.max_train_examples=0"], r"data\.max_train_examples=0: must be >= 1 or null"),
     (["output.overwrite=maybe"], r"output\.overwrite='maybe': expected bool"),

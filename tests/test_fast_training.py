@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from conftest import PYTHON, REPO
 
-from cae import config, cpu_speed, data, train
+from cae import config, cpu_speed, data, ops, train
 
 SMOKE = REPO / "configs" / "smoke.yaml"
 SMALL = ["data.max_train_examples=4096", "train.batch_size=64"]  # 64 steps: chunks of 50 + 14
@@ -96,8 +96,7 @@ def test_train_steps_equals_the_per_step_path(mnist):
 
 def test_compile_fast_changes_speed_not_results(mnist):
     """``cpu_speed.compile_fast`` (what cae.train compiles its programs with) gives the same
-    losses and parameters as XLA's default compilation; on CPU, where XLA hands convolutions to
-    YNNPACK by default, the program it compiles has none of them left there."""
+    losses and parameters as XLA's default compilation."""
     cfg = config.load_config(SMOKE, ["train.batch_size=32"])
     images = jnp.asarray(mnist.train[:32 * 4])
     batches = jnp.arange(32 * 4, dtype=jnp.int32).reshape(4, 32)
@@ -112,10 +111,36 @@ def test_compile_fast_changes_speed_not_results(mnist):
     for a, b in zip(jax.tree.leaves(out["fast"][0].params),
                     jax.tree.leaves(out["default"][0].params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
-    if jax.default_backend() == "cpu":
-        assert cpu_speed.xla_compiler_options()
-        if "ynn_fusion" in default.as_text():
-            assert "ynn_fusion" not in fast.as_text()
+
+
+def test_compile_fast_turns_ynnpack_off_on_cpu():
+    """compile_fast's premise and effect, on a conv layer's gradient program.
+
+    On CPU, a jaxlib that knows the YNNPACK switch (0.10.x) hands convolutions to YNNPACK by
+    default ("ynn_fusion" in the compiled HLO: if a jaxlib stops doing so, the switch is moot and
+    this test fails to say so) and compile_fast's program has none left; a jaxlib that rejects
+    the switch has no YNNPACK fusions to turn off. Other backends get no options at all."""
+    if jax.default_backend() != "cpu":
+        assert cpu_speed.xla_compiler_options() == {}
+        return
+    options = cpu_speed.xla_compiler_options()
+    assert options
+    x, kernel = jnp.ones((8, 14, 14, 32)), jnp.ones((3, 3, 32, 64))
+    lowered = jax.jit(jax.grad(lambda x, k: jnp.sum(ops.conv(x, k, 2, 1) ** 2), (0, 1))).lower(
+        x, kernel)
+    default = lowered.compile().as_text()
+    try:
+        lowered.compile(options)
+    except jax.errors.JaxRuntimeError as err:  # this jaxlib has no such switch
+        assert any(name in str(err) for name in options), err
+        assert "ynn_fusion" not in default
+        return
+    assert "ynn_fusion" in default
+    assert "ynn_fusion" not in cpu_speed.compile_fast(lowered).as_text()
+
+
+def test_compiler_options_only_on_cpu():
+    assert cpu_speed.xla_compiler_options("cpu")
     assert cpu_speed.xla_compiler_options("gpu") == cpu_speed.xla_compiler_options("tpu") == {}
 
 

@@ -205,7 +205,8 @@ def test_code_activation_is_applied_to_the_code_and_nowhere_else(code_activation
 
 
 def test_kernel_too_large_for_the_image_is_a_value_error():
-    with pytest.raises(ValueError, match=r"encoder layer 2: kernel_size 5 is larger"):
+    with pytest.raises(ValueError, match=r"encoder layer 2: kernel size 5 along H is larger than "
+                                         r"the padded input 2\+0\+0=2"):
         models.layer_sizes((8, 8), (3, 3, 5), (2, 2, 2), (1, 1, 0))
 
 

@@ -120,7 +120,7 @@ BAD_RUNS = [
     (["data.name=fashion_mnist", "data.manual_dir=/nonexistent/folder"],
      r"data\.manual_dir='/nonexistent/folder': no such folder; it must hold .*ubyte\.gz"),
     (["model.kernel_size=[3, 3, 11]", "model.features=[4, 4, 4]", "model.strides=2"],
-     r"model \(images 28x28\): encoder layer 2: kernel_size 11 is larger"),
+     r"model \(images 28x28\): encoder layer 2: kernel size 11 along H is larger"),
     (["train.batch_size=5000"], r"train\.batch_size=5000: larger than the 4096 training"),
     (["train.epochs=0"], r"train\.epochs=0: must be >= 1"),
     (["model.strides=0"], r"model\.strides=0: must be >= 1"),
