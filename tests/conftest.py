@@ -2,8 +2,8 @@
 
 Tiers:
 
-- quick: ``python -m pytest -m "not slow" -n 2`` needs no dataset and compiles no benchmark
-  script (about 2 minutes on 2 cores). Its data are generated digit-like images
+- quick: ``python -m pytest -m "not slow" -n 2`` needs no dataset and runs no benchmark script
+  (target: under 2 minutes on 2 cores). Its data are generated digit-like images
   (``tests/synthetic_data.py``), in memory (``synthetic_mnist``) or prepared by TFDS as "mnist" in
   a temporary data dir (``synthetic_mnist_dirs``, ``synthetic_subprocess_env``).
 - full: ``python -m pytest -n 2`` (what CI runs) adds the ``slow`` tests: end-to-end training on
