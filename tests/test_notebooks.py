@@ -121,15 +121,14 @@ def test_transposed_convolution_notebook_fails_on_a_wrong_transpose():
 # ----------------------------------------------------------------------------------------------
 
 
-def _ablation_dir(mnist_dirs, out: Path) -> Path:
+def _ablation_dir(data_dirs, out: Path) -> Path:
     """A tiny tied-vs-untied ablation (one seed, 512 train images, the smoke model) made by the
     real command line, ``python -m cae.ablate`` (its ``main``, in this process)."""
     from cae import ablate
 
     sets = ["ablation.seeds=[0]", "data.max_train_examples=512", f"output.dir={out}",
-            "output.progress=false", f"data.data_dir={mnist_dirs['data_dir']}"]
-    if mnist_dirs["manual_dir"]:
-        sets.append(f"data.manual_dir={mnist_dirs['manual_dir']}")
+            "output.progress=false", f"data.data_dir={data_dirs['data_dir']}",
+            f"data.manual_dir={data_dirs['manual_dir']}"]
     argv = ["--config", str(REPO / "configs" / "smoke.yaml")]
     for item in sets:
         argv += ["--set", item]
@@ -138,9 +137,10 @@ def _ablation_dir(mnist_dirs, out: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_reconstructions_notebook_shows_the_run_and_the_ablation(mnist_dirs, subprocess_env,
-                                                                 tmp_path):
-    ablation = _ablation_dir(mnist_dirs, tmp_path / "ablation")
+def test_reconstructions_notebook_shows_the_run_and_the_ablation(
+        synthetic_mnist_dirs, synthetic_subprocess_env, tmp_path):
+    """On the synthetic digits: the point is what the notebook shows of a run, not MNIST."""
+    ablation = _ablation_dir(synthetic_mnist_dirs, tmp_path / "ablation")
     run = ablation / "tied_seed0"  # an ordinary cae.train run dir, made by the sweep
     summary = json.loads((run / "summary.json").read_text())
     with open(ablation / "ablation.csv", newline="") as f:
@@ -148,7 +148,8 @@ def test_reconstructions_notebook_shows_the_run_and_the_ablation(mnist_dirs, sub
     assert [r["run_dir"] for r in rows] == ["tied_seed0", "untied_seed0"]
 
     nb = nbformat.read(RECONSTRUCTIONS, as_version=4)
-    env = {**subprocess_env, "CAE_RUN_DIR": str(run), "CAE_ABLATION_DIR": str(ablation)}
+    env = {**synthetic_subprocess_env, "CAE_RUN_DIR": str(run),
+           "CAE_ABLATION_DIR": str(ablation)}
     seconds = _execute(nb, env)
     assert seconds < TIME_LIMIT_S, f"took {seconds:.0f} s"
     text, mimes = _outputs(nb)

@@ -1,26 +1,21 @@
 """The benchmark scripts run end to end at tiny sizes (their figures are not checked here: speed
 is measured by running them, see BENCHMARKS.md). bench_ops.py checks every method's gradients
-against autodiff and exits non-zero if one differs."""
+against autodiff and exits non-zero if one differs.
+
+Running a benchmark (the ``run_benchmark`` fixture) compiles many programs, so those tests are in
+the full tier only; rejecting bad arguments compiles nothing and stays quick."""
 
 from __future__ import annotations
 
 import re
 import subprocess
 
-import pytest
 from conftest import PYTHON, REPO
 
 
-def _run(args, env=None):
-    proc = subprocess.run([PYTHON, *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
-
-
-def test_bench_ops_runs_and_checks_every_impl():
-    out = _run(["scripts/bench_ops.py", "--batch", "8", "--reps", "1", "--no-torch",
-                "--impls", "auto,lax,subpixel,phase,autodiff"])
+def test_bench_ops_runs_and_checks_every_impl(run_benchmark):
+    out = run_benchmark(["scripts/bench_ops.py", "--batch", "8", "--reps", "1", "--no-torch",
+                         "--impls", "auto,lax,subpixel,phase,autodiff"])
     names = {"wide2", "dec1", "dec2", "dec3", "large", "fc32", "deep3", "decoder", "decoder_wide",
              "decoder_bn"}
     rows = {line.split()[0]: line for line in out.splitlines() if line.split()[:1] and
@@ -31,12 +26,12 @@ def test_bench_ops_runs_and_checks_every_impl():
     assert len(sums) == 3 and all(line.count(" ms (") == 5 for line in sums)
 
 
-def test_bench_ops_problems_subset_and_paired_ratios():
+def test_bench_ops_problems_subset_and_paired_ratios(run_benchmark):
     torch_present = subprocess.run([PYTHON, "-c", "import torch"],
                                    capture_output=True).returncode == 0
     impls = "auto,autodiff,torch" if torch_present else "auto,autodiff"
-    out = _run(["scripts/bench_ops.py", "--batch", "8", "--reps", "3", "--impls", impls,
-                "--problems", "dec3,large"])
+    out = run_benchmark(["scripts/bench_ops.py", "--batch", "8", "--reps", "3", "--impls",
+                         impls, "--problems", "dec3,large"])
     rows = [line.split()[0] for line in out.splitlines()
             if line.split()[:1] and line.split()[0] in {"wide2", "dec1", "dec2", "dec3", "large",
                                                         "decoder", "decoder_bn"}]
@@ -60,30 +55,29 @@ def test_bench_ops_rejects_unknown_problem():
     assert "Traceback" not in proc.stderr
 
 
-@pytest.mark.slow
-def test_bench_training_runs(subprocess_env):
-    out = _run(["scripts/bench.py", "--steps", "3", "--rounds", "1", "--no-torch",
-                "--set", "train.batch_size=32", "--set", "data.max_train_examples=1024"],
-               env=subprocess_env)
+def test_bench_training_runs(run_benchmark, synthetic_subprocess_env):
+    out = run_benchmark(["scripts/bench.py", "--steps", "3", "--rounds", "1", "--no-torch",
+                         "--set", "train.batch_size=32", "--set", "data.max_train_examples=1024"],
+                        env=synthetic_subprocess_env)
     rates = dict(re.findall(r"^(jax [a-z ,-]+?)\s+(\d+)\s", out, re.M))
     assert "jax per-step" in rates and "jax scan" in rates
     assert all(int(v) > 0 for v in rates.values())
     assert "whole epoch as one program: 32 steps" in out
 
 
-def test_bench_fc_code_times_both_programs():
-    out = _run(["scripts/bench_fc_code.py", "--steps", "2", "--rounds", "2",
-                "--set", "train.batch_size=8", "--set", "model.features=[8,16]",
-                "--set", "model.code_size=4"])
+def test_bench_fc_code_times_both_programs(run_benchmark):
+    out = run_benchmark(["scripts/bench_fc_code.py", "--steps", "2", "--rounds", "2",
+                         "--set", "train.batch_size=8", "--set", "model.features=[8,16]",
+                         "--set", "model.code_size=4"])
     rates = dict(re.findall(r"^(gemm|conv)\s+([0-9.]+) ms/step", out, re.M))
     assert set(rates) == {"gemm", "conv"} and all(float(v) > 0 for v in rates.values())
     assert re.search(r"conv / gemm, paired by round: [0-9.]+x \[[0-9.]+-[0-9.]+\] over 2", out)
 
 
-@pytest.mark.slow
-def test_probe_baseline_of_an_untrained_model(subprocess_env):
-    out = _run(["scripts/probe_baseline.py", "--config", "configs/smoke.yaml",
-                "--set", "data.max_train_examples=2000"], env=subprocess_env)
+def test_probe_baseline_of_an_untrained_model(run_benchmark, subprocess_env):
+    """On the real MNIST: its figure is the README's."""
+    out = run_benchmark(["scripts/probe_baseline.py", "--config", "configs/smoke.yaml",
+                         "--set", "data.max_train_examples=2000"], env=subprocess_env)
     acc = float(re.search(r"linear probe on 2000 train / 10000 test codes: ([0-9.]+)$", out,
                           re.M).group(1))
     assert 0.5 < acc < 1.0  # random ReLU features separate MNIST far above chance (0.1)
