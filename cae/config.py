@@ -8,7 +8,6 @@ a one-line :class:`ConfigError` naming the dotted key, the bad value and what is
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import os
@@ -18,10 +17,12 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from cae import cli
+
 __all__ = [
     "Config", "DataConfig", "ModelConfig", "TrainConfig", "OutputConfig", "ConfigError",
-    "load_config", "apply_overrides", "from_dict", "to_dict", "to_yaml", "per_layer",
-    "CommandLineParser",
+    "load_config", "apply_overrides", "parse_overrides", "from_dict", "to_dict", "to_yaml",
+    "per_layer", "SECTIONS",
 ]
 
 ACTIVATIONS = ("relu", "leaky_relu", "gelu", "silu", "elu", "tanh")
@@ -29,6 +30,8 @@ ACTIVATIONS = ("relu", "leaky_relu", "gelu", "silu", "elu", "tanh")
 
 class ConfigError(ValueError):
     """A user mistake in a config file or override; its message is one line."""
+
+    exit_code = cli.EXIT_USER
 
 
 @dataclasses.dataclass
@@ -88,6 +91,9 @@ class Config:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     output: OutputConfig = dataclasses.field(default_factory=OutputConfig)
+
+
+SECTIONS: dict[str, type] = typing.get_type_hints(Config)  # {"data": DataConfig, ...}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,7 +188,7 @@ def from_dict(raw: Any) -> Config:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"config must be a mapping of sections, got {type(raw).__name__}")
-    sections = _section_types(Config)
+    sections = SECTIONS
     unknown = sorted(set(raw) - set(sections))
     if unknown:
         raise ConfigError(f"unknown section {unknown[0]!r}: allowed are {sorted(sections)}")
@@ -315,10 +321,15 @@ def read_yaml_file(path: str | os.PathLike) -> dict:
     return raw or {}
 
 
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Apply ``section.key=value`` strings (value parsed as YAML) to a raw config dict."""
-    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
-    sections = _section_types(Config)
+def parse_overrides(overrides: list[str], sections: dict[str, type] | None = None
+                    ) -> dict[tuple[str, str], Any]:
+    """``--set section.key=value`` strings -> {(section, key): value parsed as YAML}.
+
+    ``sections``: {name: dataclass} the keys may name (default :data:`SECTIONS`); the key must
+    be a field of its section's dataclass. The value's type is checked later, with the file's.
+    """
+    sections = SECTIONS if sections is None else sections
+    parsed = {}
     for item in overrides:
         key, sep, text = item.partition("=")
         key = key.strip()
@@ -335,9 +346,18 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             raise ConfigError(f"--set {key}: unknown key; allowed in {section} are "
                               f"{sorted(allowed)}")
         try:
-            value = yaml.safe_load(text) if text.strip() else None
+            parsed[section, name] = yaml.safe_load(text) if text.strip() else None
         except yaml.YAMLError:
             raise ConfigError(f"--set {key}={text!r}: value is not valid YAML") from None
+    return parsed
+
+
+def apply_overrides(raw: dict, overrides: list[str], sections: dict[str, type] | None = None
+                    ) -> dict:
+    """A copy of the raw config dict with the ``--set`` strings applied (see
+    :func:`parse_overrides`)."""
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for (section, name), value in parse_overrides(overrides, sections).items():
         target = raw.setdefault(section, {})
         if not isinstance(target, dict):
             raise ConfigError(f"{section}: expected a mapping of keys, got {target!r}")
@@ -348,10 +368,3 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:
     """Read a YAML config, apply ``--set`` overrides, validate. Raises :class:`ConfigError`."""
     return from_dict(apply_overrides(read_yaml_file(path), list(overrides or [])))
-
-
-class CommandLineParser(argparse.ArgumentParser):
-    """argparse for the ``python -m cae.*`` tools: a bad flag is one ``error:`` line, exit 2."""
-
-    def error(self, message):  # one line, not usage + traceback-looking text
-        self.exit(2, f"error: {message} (see --help)\n")
