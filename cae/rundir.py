@@ -31,7 +31,8 @@ import yaml
 
 from cae import cli
 
-__all__ = ["RunDirError", "StorageError", "write_atomic", "inspect_run_dir", "plan_run_dir",
+__all__ = ["RunDirError", "StorageError", "write_atomic", "config_difference", "inspect_run_dir",
+           "plan_run_dir",
            "prepare_run_dir",
            "Checkpointer", "RunLock", "lock_run_dir", "storage_error_message", "CONFIG_FILE",
            "SUMMARY_FILE", "METRICS_FILE", "LOCK_FILE"]
@@ -134,6 +135,13 @@ def _comparable(cfg: dict) -> dict:
             for s, keys in merged.items()}
 
 
+def config_difference(saved: dict, now: dict) -> str | None:
+    """The first difference between a run's saved config and ``now`` (plain dicts) among the
+    keys that must match to resume it (``"train.dtype: saved 'float32', now 'bfloat16'"``), or
+    None: the run may be resumed with ``now``."""
+    return _first_difference(_comparable(saved), _comparable(now))
+
+
 def inspect_run_dir(run_dir: str | os.PathLike, resolved: dict) -> tuple[str, str | None]:
     """What ``run_dir`` holds, without touching it -> ``(kind, diff)``.
 
@@ -141,8 +149,8 @@ def inspect_run_dir(run_dir: str | os.PathLike, resolved: dict) -> tuple[str, st
     (``summary.json``), ``"foreign"`` (not empty, no ``config.yaml``), ``"unstarted"`` (a config
     but no checkpoint: killed during epoch 1), ``"unfinished"`` (a committed checkpoint).
     diff: the first difference between the saved config and ``resolved`` among the keys that
-    must match to resume (see ``_comparable``; a missing or unreadable config differs), or None when
-    they match (always None for "not_a_dir", "new" and "foreign").
+    must match to resume (:func:`config_difference`; a missing or unreadable config differs), or
+    None when they match (always None for "not_a_dir", "new" and "foreign").
     """
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
@@ -154,7 +162,7 @@ def inspect_run_dir(run_dir: str | os.PathLike, resolved: dict) -> tuple[str, st
     except (OSError, yaml.YAMLError):
         saved = None
     diff = (f"no readable {CONFIG_FILE}" if not isinstance(saved, dict)
-            else _first_difference(_comparable(saved), _comparable(resolved)))
+            else config_difference(saved, resolved))
     if (run_dir / SUMMARY_FILE).exists():
         return "finished", diff
     if not (run_dir / CONFIG_FILE).exists():
