@@ -44,6 +44,10 @@ class DataConfig:
 
 @dataclasses.dataclass
 class ModelConfig:
+    """The field defaults are the *key defaults*, what a config file leaves out: the 3-conv
+    model of configs/mnist_tied_bottleneck.yaml (a 4x4x16 code, 256 numbers). The *shipped
+    default model*, "the default" of the README, is configs/mnist_tied.yaml (code_size 32)."""
+
     features: list[int] = dataclasses.field(default_factory=lambda: [32, 64, 16])
     # Each of these is one value for every layer or a list with one value per layer.
     kernel_size: int | list[int] = 3

@@ -315,6 +315,7 @@ class RunRecord:
     initial_test_mse: float  # of the untrained model
     trained_images: int = 0
     trained_seconds: float = 0.0
+    wall_before: float = dataclasses.field(init=False)  # of the epochs restored from a checkpoint
 
     def __post_init__(self):
         self.wall_before = self.history[-1]["wall_time_s"] if self.history else 0.0
