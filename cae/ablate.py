@@ -29,13 +29,10 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before anything imports TensorFlow
-
 import numpy as np
-import yaml
 
+from cae import cli, cluster, plots, rundir, train
 from cae import config as config_lib
-from cae import plots, rundir, train
 from cae.config import Config, ConfigError
 
 __all__ = ["AblationConfig", "Run", "Comparison", "load_ablation_config", "plan_runs",
@@ -67,6 +64,9 @@ class AblationConfig:
     code_sizes: list[int] | None = None
 
 
+SECTIONS = {**config_lib.SECTIONS, "ablation": AblationConfig}  # what the file and --set hold
+
+
 @dataclasses.dataclass(frozen=True)
 class Run:
     """One training run of the sweep; ``cfg`` is its full config (output.dir = its run dir).
@@ -94,10 +94,6 @@ class Run:
 # ----------------------------------------------------------------------------------------------
 # Config
 # ----------------------------------------------------------------------------------------------
-
-
-def _train_sections() -> list[str]:
-    return [f.name for f in dataclasses.fields(Config)]
 
 
 def _ablation_from_dict(values) -> AblationConfig:
@@ -136,57 +132,33 @@ def load_ablation_config(path: str | os.PathLike, overrides: Sequence[str] = (),
                          note: Callable[[str], None] = _stderr) -> tuple[Config, AblationConfig]:
     """Read an ablation YAML and ``--set`` overrides -> (base training config, sweep).
 
-    ``ablation.*`` overrides go to the sweep, all others to :mod:`cae.config` unchanged.
+    One ``--set`` parser for all five sections (``config.parse_overrides``); ``ablation.*``
+    goes to the sweep, the rest to the training config.
     ``model.tied`` / ``train.seed`` in the file (e.g. a training config used as is) are dropped
     with a ``note``; asked for with ``--set`` they are an error. Raises :class:`ConfigError`
     (one line) for any mistake, before anything is written.
     """
     raw = dict(config_lib.read_yaml_file(path))
-    sections = [*_train_sections(), "ablation"]
-    unknown = sorted(set(raw) - set(sections))
+    unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
-        raise ConfigError(f"unknown section {unknown[0]!r}: allowed are {sorted(sections)}")
+        raise ConfigError(f"unknown section {unknown[0]!r}: allowed are {sorted(SECTIONS)}")
+    asked = config_lib.parse_overrides(list(overrides), SECTIONS)
+    raw = config_lib.apply_overrides(raw, list(overrides), SECTIONS)
     ablation_raw = raw.pop("ablation", None)
-    ablation_raw = {} if ablation_raw is None else ablation_raw  # a non-mapping: error below
-    if isinstance(ablation_raw, dict):
-        ablation_raw = dict(ablation_raw)
-    train_overrides, ablation_sets = [], []
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        parts = key.strip().split(".")
-        if sep and parts[0] == "ablation":
-            ablation_sets.append((key.strip(), parts, text))
-        else:
-            train_overrides.append(item)
-    for key, parts, text in ablation_sets:
-        allowed = [f.name for f in dataclasses.fields(AblationConfig)]
-        if len(parts) != 2 or parts[1] not in allowed:
-            raise ConfigError(f"--set {key}: unknown key; allowed in ablation are {allowed}")
-        try:
-            value = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError:
-            raise ConfigError(f"--set {key}={text!r}: value is not valid YAML") from None
-        if isinstance(ablation_raw, dict):
-            ablation_raw[parts[1]] = value
     swept = dict(SWEPT)
     if isinstance(ablation_raw, dict) and ablation_raw.get("code_sizes") is not None:
         swept[SWEPT_CODE_SIZE[0]] = SWEPT_CODE_SIZE[1]
+    for key in asked:
+        if key in swept:
+            raise ConfigError(f"--set {'.'.join(key)}: {swept[key]}")
     notes = []
-    for (section, key), why in swept.items():
+    for (section, key), why in swept.items():  # in the file: not asked for with --set
         values = raw.get(section)
         if isinstance(values, dict) and key in values:
             # A training config used as the base: say that its value is not used, and go on.
             notes.append(f"note: {section}.{key}={values[key]!r} in {path} is not used: {why}")
             raw[section] = {k: v for k, v in values.items() if k != key}
-    for item in train_overrides:
-        key, sep, text = item.partition("=")
-        parts = key.strip().split(".")
-        if sep and len(parts) == 2 and tuple(parts) in swept:
-            raise ConfigError(f"--set {key.strip()}: {swept[tuple(parts)]}")
-        if sep and len(parts) == 2 and parts[0] not in sections:
-            raise ConfigError(f"--set {key.strip()}: expected section.key with section one of "
-                              f"{sorted(sections)}")
-    base = config_lib.from_dict(config_lib.apply_overrides(raw, train_overrides))
+    base = config_lib.from_dict(raw)
     ablation = _ablation_from_dict(ablation_raw)
     for line in notes:  # only for a valid config: an error stays the only line
         note(line)
@@ -218,41 +190,17 @@ def plan_runs(base: Config, ablation: AblationConfig) -> list[Run]:
 # ----------------------------------------------------------------------------------------------
 
 
-def _run_status(run: Run) -> str:
-    """``new`` | ``reuse`` | ``resume`` | ``restart`` | ``replace``; RunDirError if unusable."""
-    d, cfg = run.dir, run.cfg
-    kind, diff = rundir.inspect_run_dir(d, config_lib.to_dict(cfg))
-    if kind == "not_a_dir":
-        raise rundir.RunDirError(f"{d} exists and is not a directory; choose another output.dir")
-    if kind == "foreign":
-        raise rundir.RunDirError(f"{d} is not empty and is not a cae run directory (no "
-                                 "config.yaml); choose another output.dir")
-    if kind == "new":
-        return "new"
-    if kind == "unstarted":
-        return "restart"  # killed during its first epoch: cae.train starts it afresh
-    if diff is None:
-        return "reuse" if kind == "finished" else "resume"
-    if cfg.output.overwrite:
-        return "replace"
-    if kind == "finished":
-        raise rundir.RunDirError(
-            f"{d} holds a finished run with another config ({diff}); choose another output.dir "
-            "or set output.overwrite=true to retrain it")
-    raise rundir.RunDirError(
-        f"{d} holds an unfinished run with another config ({diff}); rerun with the same config "
-        "to resume, choose another output.dir, or set output.overwrite=true")
-
-
 def check_run_dirs(base: Config, runs: Sequence[Run]) -> list[str]:
-    """What each run will do (see :func:`_run_status`); raises RunDirError before any training."""
+    """What each run will do with its run dir (:func:`rundir.plan_run_dir`, a finished run with
+    the same config reused); raises RunDirError before any training."""
     out = Path(base.output.dir)
     if out.exists() and not out.is_dir():
         raise rundir.RunDirError(f"output.dir={str(out)!r} exists and is not a directory")
     if (out / rundir.CONFIG_FILE).exists() or (out / rundir.SUMMARY_FILE).exists():
         raise rundir.RunDirError(f"output.dir={str(out)!r} is a cae.train run directory; an "
                                  "ablation needs a folder of its own, choose another output.dir")
-    return [_run_status(run) for run in runs]
+    return [rundir.plan_run_dir(run.dir, config_lib.to_dict(run.cfg), run.cfg.output.overwrite,
+                                reuse_finished=True, label=str(run.dir)) for run in runs]
 
 
 _DOING = {"new": "training", "restart": "training (restarting an unfinished first epoch)",
@@ -605,17 +553,15 @@ def write_reports(out_dir: str | os.PathLike, runs: Sequence[Run], base: Config,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = config_lib.CommandLineParser(prog="python -m cae.ablate",
-                                          description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="ablation YAML (a training config plus "
-                        "an 'ablation' section)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a key, e.g. --set train.epochs=1 or --set "
-                             "ablation.seeds=[0,1] (repeatable)")
+    parser = cli.CommandLineParser(prog="python -m cae.ablate",
+                                   description=__doc__.splitlines()[0])
+    cli.add_config_flags(parser, config_help="ablation YAML (a training config plus an "
+                         "'ablation' section)", set_help="override a key, e.g. --set "
+                         "train.epochs=1 or --set ablation.seeds=[0,1] (repeatable)")
     args = parser.parse_args(argv)
 
     def run():
-        if train.launched_as_several_processes():
+        if cluster.launched_as_several_processes():
             raise ConfigError("cae.ablate runs as one process (it trains one run after the "
                               "other); start it without a multi-process launcher, or run "
                               "cae.train once per run for several processes")
@@ -623,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = run_sweep(base, ablation, log=lambda s: print(s, flush=True))
         return base, write_reports(base.output.dir, runs, base, ablation)
 
-    code, result = train.run_command(
+    code, result = cli.run_command(
         run, "interrupted: run the same command again to resume the sweep (finished runs are "
              "reused, the interrupted one resumes from its last checkpoint)")
     if code:
@@ -642,4 +588,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    train.exit_with(main())
+    cli.exit_with(main())

@@ -1,4 +1,9 @@
-"""Several processes, one run: who writes what, agreeing on the run dir, ending promptly.
+"""Devices and processes: the mesh, joining a multi-process job, who writes what, agreeing on
+the run dir, ending promptly.
+
+One mesh axis (``batch``) spans every device of every process: batches are split along it,
+everything else is replicated. Where the environment says this is one process of several
+(``CLUSTER_ENV_VARS``), :func:`maybe_initialize_distributed` joins them before JAX does anything.
 
 In a job of several processes (``jax.distributed``) every process trains (the collectives need
 all of them) and every process calls orbax (it coordinates the checkpoint writes itself), but
@@ -28,15 +33,101 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from cae import rundir
+from cae.config import ConfigError
 
-__all__ = ["Terminated", "is_primary", "several", "all_outcomes", "open_run_dir",
-           "terminate_promptly"]
+__all__ = ["BATCH_AXIS", "CLUSTER_ENV_VARS", "make_mesh", "sharding", "put",
+           "maybe_initialize_distributed", "launched_as_several_processes", "Terminated",
+           "is_primary", "several", "all_outcomes", "open_run_dir", "terminate_promptly",
+           "say_once"]
 
 T = TypeVar("T")
 _POLL_MS = 200  # one wait on the key-value store; signals are handled between two
 _rounds = itertools.count()  # every process goes through the same steps in the same order
+
+
+# ----------------------------------------------------------------------------------------------
+# Devices: one mesh axis over every device; batches split along it, everything else replicated
+# ----------------------------------------------------------------------------------------------
+
+BATCH_AXIS = "batch"
+
+
+def make_mesh() -> Mesh:
+    """A 1-D mesh over all devices (of all processes): data parallelism along ``batch``."""
+    return Mesh(np.asarray(jax.devices()), (BATCH_AXIS,))
+
+
+# Where these say there are several processes, ``main`` joins them before JAX does anything.
+CLUSTER_ENV_VARS = ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE",
+                    "TPU_WORKER_HOSTNAMES")
+
+
+def maybe_initialize_distributed() -> bool:
+    """Call ``jax.distributed.initialize()`` when launched as one of several processes.
+
+    Slurm (``srun``), Open MPI (``mpirun``) and Cloud TPU pods are detected by JAX itself; any
+    other launcher sets ``JAX_COORDINATOR_ADDRESS`` (host:port of process 0),
+    ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``. Returns whether it initialised.
+    """
+    env = os.environ
+    if not launched_as_several_processes():
+        return False
+    # jax.distributed installs its own SIGTERM handler (preemption notices) that keeps the
+    # process running; put back the one we had (cluster.terminate_promptly's, or the default).
+    sigterm = signal.getsignal(signal.SIGTERM)
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"],
+                                   _env_int("JAX_NUM_PROCESSES"), _env_int("JAX_PROCESS_ID"))
+    else:
+        jax.distributed.initialize()
+    if sigterm is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, sigterm)
+    return True
+
+
+def _env_int(name: str, default: int | None = None) -> int | None:
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"${name}={text!r}: must be an integer") from None
+
+
+def launched_as_several_processes() -> bool:
+    """Does the environment say this is one process of several (see CLUSTER_ENV_VARS)?"""
+    env = os.environ
+    return bool(env.get("JAX_COORDINATOR_ADDRESS")
+                or _env_int("SLURM_NTASKS", 1) > 1
+                or _env_int("OMPI_COMM_WORLD_SIZE", 1) > 1
+                or "," in env.get("TPU_WORKER_HOSTNAMES", ""))
+
+
+def sharding(mesh: Mesh, spec: P | None = None) -> jax.sharding.Sharding:
+    """``NamedSharding(mesh, spec)`` (default: replicated); with one device, that device's plain
+    sharding (the same placement, and the jit needs no SPMD partitioning)."""
+    if mesh.size == 1:
+        return jax.sharding.SingleDeviceSharding(mesh.devices.flat[0])
+    return NamedSharding(mesh, P() if spec is None else spec)
+
+
+def put(array: np.ndarray, mesh: Mesh, spec: P | None = None) -> jax.Array:
+    """Host array -> global device array laid out as ``spec`` (default: replicated).
+
+    Built from per-device slices, so it also works when the mesh spans several processes."""
+    return jax.make_array_from_callback(array.shape, sharding(mesh, spec),
+                                        lambda index: array[index])
+
+
+# ----------------------------------------------------------------------------------------------
+# Processes: who writes, agreeing on each step's outcome, ending promptly
+# ----------------------------------------------------------------------------------------------
 
 
 class Terminated(BaseException):

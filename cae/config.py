@@ -8,7 +8,6 @@ a one-line :class:`ConfigError` naming the dotted key, the bad value and what is
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import os
@@ -18,12 +17,12 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from cae import models, ops
+from cae import cli, models, ops
 
 __all__ = [
     "Config", "DataConfig", "ModelConfig", "TrainConfig", "OutputConfig", "ConfigError",
-    "load_config", "apply_overrides", "from_dict", "to_dict", "to_yaml", "per_layer",
-    "CommandLineParser",
+    "load_config", "apply_overrides", "parse_overrides", "from_dict", "to_dict", "to_yaml",
+    "per_layer", "SECTIONS",
 ]
 
 # Allowed names, read from where they are defined (the Literal types below list them).
@@ -33,6 +32,8 @@ _IMPLS = (ops.AUTO, *ops.IMPLEMENTATIONS)
 
 class ConfigError(ValueError):
     """A user mistake in a config file or override; its message is one line."""
+
+    exit_code = cli.EXIT_USER
 
 
 @dataclasses.dataclass
@@ -45,6 +46,10 @@ class DataConfig:
 
 @dataclasses.dataclass
 class ModelConfig:
+    """The field defaults are the *key defaults*, what a config file leaves out: the 3-conv
+    model of configs/mnist_tied_bottleneck.yaml (a 4x4x16 code, 256 numbers). The *shipped
+    default model*, "the default" of the README, is configs/mnist_tied.yaml (code_size 32)."""
+
     features: list[int] = dataclasses.field(default_factory=lambda: [32, 64, 16])
     # Each of these is one value for every layer or a list with one value per layer.
     kernel_size: int | list[int] = 3
@@ -91,6 +96,9 @@ class Config:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     output: OutputConfig = dataclasses.field(default_factory=OutputConfig)
+
+
+SECTIONS: dict[str, type] = typing.get_type_hints(Config)  # {"data": DataConfig, ...}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -185,7 +193,7 @@ def from_dict(raw: Any) -> Config:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"config must be a mapping of sections, got {type(raw).__name__}")
-    sections = _section_types(Config)
+    sections = SECTIONS
     unknown = sorted(set(raw) - set(sections))
     if unknown:
         raise ConfigError(f"unknown section {unknown[0]!r}: allowed are {sorted(sections)}")
@@ -318,10 +326,15 @@ def read_yaml_file(path: str | os.PathLike) -> dict:
     return raw or {}
 
 
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Apply ``section.key=value`` strings (value parsed as YAML) to a raw config dict."""
-    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
-    sections = _section_types(Config)
+def parse_overrides(overrides: list[str], sections: dict[str, type] | None = None
+                    ) -> dict[tuple[str, str], Any]:
+    """``--set section.key=value`` strings -> {(section, key): value parsed as YAML}.
+
+    ``sections``: {name: dataclass} the keys may name (default :data:`SECTIONS`); the key must
+    be a field of its section's dataclass. The value's type is checked later, with the file's.
+    """
+    sections = SECTIONS if sections is None else sections
+    parsed = {}
     for item in overrides:
         key, sep, text = item.partition("=")
         key = key.strip()
@@ -338,9 +351,18 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             raise ConfigError(f"--set {key}: unknown key; allowed in {section} are "
                               f"{sorted(allowed)}")
         try:
-            value = yaml.safe_load(text) if text.strip() else None
+            parsed[section, name] = yaml.safe_load(text) if text.strip() else None
         except yaml.YAMLError:
             raise ConfigError(f"--set {key}={text!r}: value is not valid YAML") from None
+    return parsed
+
+
+def apply_overrides(raw: dict, overrides: list[str], sections: dict[str, type] | None = None
+                    ) -> dict:
+    """A copy of the raw config dict with the ``--set`` strings applied (see
+    :func:`parse_overrides`)."""
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for (section, name), value in parse_overrides(overrides, sections).items():
         target = raw.setdefault(section, {})
         if not isinstance(target, dict):
             raise ConfigError(f"{section}: expected a mapping of keys, got {target!r}")
@@ -351,10 +373,3 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:
     """Read a YAML config, apply ``--set`` overrides, validate. Raises :class:`ConfigError`."""
     return from_dict(apply_overrides(read_yaml_file(path), list(overrides or [])))
-
-
-class CommandLineParser(argparse.ArgumentParser):
-    """argparse for the ``python -m cae.*`` tools: a bad flag is one ``error:`` line, exit 2."""
-
-    def error(self, message):  # one line, not usage + traceback-looking text
-        self.exit(2, f"error: {message} (see --help)\n")

@@ -11,7 +11,6 @@ as its manual dir and prepares the dataset from it with its own checksum verific
 
 from __future__ import annotations
 
-import argparse
 import collections
 import contextlib
 import dataclasses
@@ -20,11 +19,12 @@ import hashlib
 import logging
 import os
 import socket
-import sys
 import urllib.parse
 from pathlib import Path
 
 import numpy as np
+
+from cae import cli
 
 __all__ = ["Dataset", "DataError", "load_dataset", "import_tfds", "normalize",
            "prepared_datasets", "same_data", "main"]
@@ -34,6 +34,8 @@ MANUAL_DIR_ENV = "CAE_MANUAL_DIR"
 
 class DataError(RuntimeError):
     """The requested data cannot be had; the message is one line saying what to provide."""
+
+    exit_code = cli.EXIT_USER
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,9 +68,8 @@ def import_tfds():
     TensorFlow is only TFDS's I/O backend here; if it claimed GPU memory it would take it from
     JAX, so GPUs are hidden from it before anything else touches TensorFlow.
     """
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    # TF 2.21 announces its oneDNN kernels on stderr whatever the log level; TF only reads
-    # files here, so its oneDNN math is irrelevant and switching it off keeps stderr clean.
+    # TF 2.21 announces its oneDNN kernels on stderr whatever the log level (which cae/__init__
+    # sets); TF only reads files here, so its oneDNN math is irrelevant: off, stderr stays clean.
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     import tensorflow as tf
     import tensorflow_datasets as tfds
@@ -292,29 +293,34 @@ def same_data(data_dir: str | os.PathLike) -> list[list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m cae.data check [DATA_DIR]``: report datasets prepared from each other's files."""
-    parser = argparse.ArgumentParser(prog="python -m cae.data",
-                                     description="check a TFDS data dir for datasets that hold "
-                                                 "the same images under different names")
+    """``python -m cae.data check [DATA_DIR]``: report datasets prepared from each other's files.
+    Exit 1 when some are found (a finding, not an error)."""
+    parser = cli.CommandLineParser(prog="python -m cae.data",
+                                   description="check a TFDS data dir for datasets that hold "
+                                               "the same images under different names")
     parser.add_argument("command", choices=["check"])
     parser.add_argument("data_dir", nargs="?", default=None,
                         help="TFDS data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)")
     args = parser.parse_args(argv)
-    data_dir = Path(args.data_dir or os.environ.get("TFDS_DATA_DIR")
-                    or Path.home() / "tensorflow_datasets").expanduser()
-    if not data_dir.is_dir():
-        print(f"error: {data_dir}: no such folder", file=sys.stderr)
-        return 2
-    groups = same_data(data_dir)
-    for names in groups:
-        print(f"{' and '.join(names)} in {data_dir} hold the same images: all but one were "
-              "prepared from another dataset's archives; delete the wrong one's folder (and "
-              f"{data_dir / 'downloads' / 'extracted'}), then prepare it again")
-    if not groups:
-        print(f"{len(prepared_datasets(data_dir))} prepared datasets in {data_dir}: no two hold "
-              "the same images")
-    return 1 if groups else 0
+
+    def check() -> int:
+        data_dir = Path(args.data_dir or os.environ.get("TFDS_DATA_DIR")
+                        or Path.home() / "tensorflow_datasets").expanduser()
+        if not data_dir.is_dir():
+            raise DataError(f"{data_dir}: no such folder")
+        groups = same_data(data_dir)
+        for names in groups:
+            print(f"{' and '.join(names)} in {data_dir} hold the same images: all but one were "
+                  "prepared from another dataset's archives; delete the wrong one's folder (and "
+                  f"{data_dir / 'downloads' / 'extracted'}), then prepare it again")
+        if not groups:
+            print(f"{len(prepared_datasets(data_dir))} prepared datasets in {data_dir}: no two "
+                  "hold the same images")
+        return 1 if groups else 0
+
+    code, found = cli.run_command(check, "interrupted")
+    return code or found
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit_with(main())

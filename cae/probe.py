@@ -59,7 +59,7 @@ def encode_images(apply_fn, params, images: np.ndarray, batch_size: int) -> np.n
                                                     batch.dtype)])
         code = np.asarray(encode(params, batch))
         if codes is None:  # written in place: no list of batches to concatenate (1.5 GB for
-            codes = np.empty((n, code.shape[1]), np.float32)  # the default model's train split)
+            codes = np.empty((n, code.shape[1]), np.float32)  # mnist_tied_wide's train split)
         codes[start:start + m] = code[:m]
     return codes
 

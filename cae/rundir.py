@@ -29,7 +29,11 @@ from typing import Any
 
 import yaml
 
-__all__ = ["RunDirError", "StorageError", "write_atomic", "inspect_run_dir", "prepare_run_dir",
+from cae import cli
+
+__all__ = ["RunDirError", "StorageError", "write_atomic", "config_difference", "inspect_run_dir",
+           "plan_run_dir",
+           "prepare_run_dir",
            "Checkpointer", "RunLock", "lock_run_dir", "storage_error_message", "CONFIG_FILE",
            "SUMMARY_FILE", "METRICS_FILE", "LOCK_FILE"]
 
@@ -48,9 +52,13 @@ os.umask(_UMASK)
 class RunDirError(RuntimeError):
     """output.dir cannot be used as asked; the message is one line saying why and what to do."""
 
+    exit_code = cli.EXIT_USER
+
 
 class StorageError(RuntimeError):
     """Reading or writing the run's files failed (disk full, read-only, ...); one line."""
+
+    exit_code = cli.EXIT_STORAGE
 
 
 # Errors of the storage, not of our code: the message names the path and the system's reason.
@@ -127,6 +135,13 @@ def _comparable(cfg: dict) -> dict:
             for s, keys in merged.items()}
 
 
+def config_difference(saved: dict, now: dict) -> str | None:
+    """The first difference between a run's saved config and ``now`` (plain dicts) among the
+    keys that must match to resume it (``"train.dtype: saved 'float32', now 'bfloat16'"``), or
+    None: the run may be resumed with ``now``."""
+    return _first_difference(_comparable(saved), _comparable(now))
+
+
 def inspect_run_dir(run_dir: str | os.PathLike, resolved: dict) -> tuple[str, str | None]:
     """What ``run_dir`` holds, without touching it -> ``(kind, diff)``.
 
@@ -134,8 +149,8 @@ def inspect_run_dir(run_dir: str | os.PathLike, resolved: dict) -> tuple[str, st
     (``summary.json``), ``"foreign"`` (not empty, no ``config.yaml``), ``"unstarted"`` (a config
     but no checkpoint: killed during epoch 1), ``"unfinished"`` (a committed checkpoint).
     diff: the first difference between the saved config and ``resolved`` among the keys that
-    must match to resume (see ``_comparable``; a missing or unreadable config differs), or None when
-    they match (always None for "not_a_dir", "new" and "foreign").
+    must match to resume (:func:`config_difference`; a missing or unreadable config differs), or
+    None when they match (always None for "not_a_dir", "new" and "foreign").
     """
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
@@ -147,7 +162,7 @@ def inspect_run_dir(run_dir: str | os.PathLike, resolved: dict) -> tuple[str, st
     except (OSError, yaml.YAMLError):
         saved = None
     diff = (f"no readable {CONFIG_FILE}" if not isinstance(saved, dict)
-            else _first_difference(_comparable(saved), _comparable(resolved)))
+            else config_difference(saved, resolved))
     if (run_dir / SUMMARY_FILE).exists():
         return "finished", diff
     if not (run_dir / CONFIG_FILE).exists():
@@ -160,51 +175,72 @@ def _contents(run_dir: Path) -> list[Path]:
     return [p for p in run_dir.iterdir() if p.name not in _BOOKKEEPING]
 
 
-def _refuse_unusable(run_dir: Path, kind: str) -> None:
+def _refuse_unusable(kind: str, label: str) -> None:
     if kind == "not_a_dir":
-        raise RunDirError(f"output.dir={str(run_dir)!r} exists and is not a directory")
+        raise RunDirError(f"{label} exists and is not a directory")
     if kind == "foreign":
-        raise RunDirError(
-            f"output.dir={str(run_dir)!r} is not empty and is not a cae run directory "
-            "(no config.yaml); choose another output.dir"
-        )
+        raise RunDirError(f"{label} is not empty and is not a cae run directory (no config.yaml); "
+                          "choose another output.dir")
+
+
+def _label(run_dir: Path) -> str:
+    return f"output.dir={str(run_dir)!r}"
 
 
 def lock_run_dir(run_dir: str | os.PathLike) -> RunLock:
     """Take ``run_dir``'s lock (creating the dir if needed) -> the held :class:`RunLock`.
     A file or a foreign folder in the way is refused first, untouched."""
     run_dir = Path(run_dir)
-    _refuse_unusable(run_dir, inspect_run_dir(run_dir, {})[0])
+    _refuse_unusable(inspect_run_dir(run_dir, {})[0], _label(run_dir))
     return RunLock(run_dir)
 
 
+def plan_run_dir(run_dir: str | os.PathLike, resolved: dict, overwrite: bool, *,
+                 reuse_finished: bool = False, label: str | None = None) -> str:
+    """What a run of config ``resolved`` does with ``run_dir``, deciding from what it holds
+    (:func:`inspect_run_dir`) without touching it. The one decision table of cae.train and
+    cae.ablate:
+
+    ``"new"`` (missing or empty), ``"restart"`` (a config but no checkpoint: killed in epoch 1;
+    start afresh), ``"resume"`` (unfinished, same config), ``"reuse"`` (finished, same config,
+    only with ``reuse_finished``: a sweep keeps its finished runs), ``"replace"`` (finished, or
+    unfinished with another config, and ``overwrite``: start afresh). Raises RunDirError (one
+    line naming the dir as ``label``, default ``output.dir='...'``) for a file or a foreign
+    folder in the way, or a run it may not replace.
+    """
+    run_dir = Path(run_dir)
+    label = _label(run_dir) if label is None else label
+    kind, diff = inspect_run_dir(run_dir, resolved)
+    _refuse_unusable(kind, label)
+    if kind in ("new", "unstarted"):
+        return "new" if kind == "new" else "restart"
+    if diff is None and (kind == "unfinished" or reuse_finished):
+        return "resume" if kind == "unfinished" else "reuse"
+    if overwrite:
+        return "replace"
+    if kind == "finished":
+        other = f"with another config ({diff})" if diff is not None else "(summary.json)"
+        raise RunDirError(f"{label} holds a finished run {other}; choose another output.dir or "
+                          "set output.overwrite=true to replace it")
+    raise RunDirError(
+        f"{label} holds an unfinished run with another config ({diff}); rerun with the saved "
+        f"config ({run_dir / CONFIG_FILE}) to resume it, or choose another output.dir "
+        "(output.overwrite=true would delete its checkpoints)")
+
+
 def prepare_run_dir(run_dir: str | os.PathLike, resolved: dict, overwrite: bool) -> bool:
-    """Make ``run_dir`` ready for a run of config ``resolved`` (a plain dict).
+    """Make ``run_dir`` ready for a run of config ``resolved`` (a plain dict), as
+    :func:`plan_run_dir` decides.
 
     Returns True if an unfinished run with the same config should be resumed, False for a fresh
     start (the directory is then empty except for ``config.yaml``). Raises :class:`RunDirError`
     for a finished run without ``overwrite``, a different config, or a foreign directory.
     """
     run_dir = Path(run_dir)
-    kind, diff = inspect_run_dir(run_dir, resolved)
-    _refuse_unusable(run_dir, kind)
-    if kind == "finished" and not overwrite:
-        raise RunDirError(
-            f"output.dir={str(run_dir)!r} holds a finished run (summary.json); choose "
-            "another output.dir or set output.overwrite=true to replace it"
-        )
-    if kind == "unfinished":
-        if diff is None:
-            return True
-        if not overwrite:
-            raise RunDirError(
-                f"output.dir={str(run_dir)!r} holds an unfinished run with another "
-                f"config ({diff}); rerun with the saved config ({run_dir / CONFIG_FILE}) to "
-                "resume it, or choose another output.dir (output.overwrite=true would delete "
-                "its checkpoints)"
-            )
-    if kind != "new":
-        # Finished (overwrite asked), killed during epoch 1, or overwrite asked: start afresh.
+    plan = plan_run_dir(run_dir, resolved, overwrite)
+    if plan == "resume":
+        return True
+    if plan != "new":
         # The lock file stays: removing it would let another process lock a new one.
         for path in _contents(run_dir):
             if path.is_dir() and not path.is_symlink():

@@ -1,8 +1,9 @@
 """Train a convolutional autoencoder: ``python -m cae.train --config configs/mnist_tied.yaml``.
 
 ``train_and_evaluate(cfg, workdir)`` is the testable entry point; ``main`` only parses the command
-line and turns user mistakes into one-line errors. The steps are pure functions, ``jit``ted once
-at module level, with the train state donated.
+line (:mod:`cae.cli` turns user mistakes into one-line errors). The steps are pure functions,
+``jit``ted once at module level, with the train state donated; the devices and processes they
+run on are :mod:`cae.cluster`'s.
 """
 
 from __future__ import annotations
@@ -13,15 +14,10 @@ import json
 import math
 import os
 import shutil
-import signal
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
-from typing import Any
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before anything imports TensorFlow
 
 import jax
 import jax.numpy as jnp
@@ -29,22 +25,26 @@ import numpy as np
 import optax
 from flax import struct
 from flax.training import train_state
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from cae import baselines, cluster, cpu_speed, models, plots, probe, rundir
+from cae import baselines, cli, cluster, cpu_speed, models, plots, probe, rundir
 from cae import config as config_lib
 from cae import data as data_lib
 from cae.config import Config, ConfigError
 
-__all__ = ["TrainState", "create_train_state", "loss_fn", "train_step", "eval_step",
-           "evaluate", "train_and_evaluate", "main", "TrainingDiverged"]
+__all__ = ["TrainState", "build_model", "create_train_state", "loss_fn", "train_step",
+           "train_epoch_steps", "reconstruct", "eval_step", "evaluate", "load_data",
+           "check_geometry", "train_and_evaluate", "main", "TrainingDiverged"]
 
 LOG_EVERY = 50  # steps between loss syncs (progress bar, NaN check, TensorBoard)
+BATCHES = P(None, cluster.BATCH_AXIS)  # [S, B, ...]: S batches of B, B split over the devices
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN/inf; the last good checkpoint is kept."""
+
+    exit_code = cli.EXIT_DIVERGED
 
 
 class TrainState(train_state.TrainState):
@@ -53,87 +53,13 @@ class TrainState(train_state.TrainState):
 
 
 # ----------------------------------------------------------------------------------------------
-# Devices: one mesh axis over every device; batches split along it, everything else replicated
-# ----------------------------------------------------------------------------------------------
-
-BATCH_AXIS = "batch"
-
-
-def make_mesh() -> Mesh:
-    """A 1-D mesh over all devices (of all processes): data parallelism along ``batch``."""
-    return Mesh(np.asarray(jax.devices()), (BATCH_AXIS,))
-
-
-# Where these say there are several processes, ``main`` joins them before JAX does anything.
-CLUSTER_ENV_VARS = ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE",
-                    "TPU_WORKER_HOSTNAMES")
-
-
-def maybe_initialize_distributed() -> bool:
-    """Call ``jax.distributed.initialize()`` when launched as one of several processes.
-
-    Slurm (``srun``), Open MPI (``mpirun``) and Cloud TPU pods are detected by JAX itself; any
-    other launcher sets ``JAX_COORDINATOR_ADDRESS`` (host:port of process 0),
-    ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``. Returns whether it initialised.
-    """
-    env = os.environ
-    if not launched_as_several_processes():
-        return False
-    # jax.distributed installs its own SIGTERM handler (preemption notices) that keeps the
-    # process running; put back the one we had (cluster.terminate_promptly's, or the default).
-    sigterm = signal.getsignal(signal.SIGTERM)
-    if env.get("JAX_COORDINATOR_ADDRESS"):
-        jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"],
-                                   _env_int("JAX_NUM_PROCESSES"), _env_int("JAX_PROCESS_ID"))
-    else:
-        jax.distributed.initialize()
-    if sigterm is not None and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, sigterm)
-    return True
-
-
-def _env_int(name: str, default: int | None = None) -> int | None:
-    text = os.environ.get(name, "").strip()
-    if not text:
-        return default
-    try:
-        return int(text)
-    except ValueError:
-        raise ConfigError(f"${name}={text!r}: must be an integer") from None
-
-
-def launched_as_several_processes() -> bool:
-    """Does the environment say this is one process of several (see CLUSTER_ENV_VARS)?"""
-    env = os.environ
-    return bool(env.get("JAX_COORDINATOR_ADDRESS")
-                or _env_int("SLURM_NTASKS", 1) > 1
-                or _env_int("OMPI_COMM_WORLD_SIZE", 1) > 1
-                or "," in env.get("TPU_WORKER_HOSTNAMES", ""))
-
-
-def sharding(mesh: Mesh, spec: P | None = None) -> jax.sharding.Sharding:
-    """``NamedSharding(mesh, spec)`` (default: replicated); with one device, that device's plain
-    sharding (the same placement, and the jit needs no SPMD partitioning)."""
-    if mesh.size == 1:
-        return jax.sharding.SingleDeviceSharding(mesh.devices.flat[0])
-    return NamedSharding(mesh, P() if spec is None else spec)
-
-
-def put(array: np.ndarray, mesh: Mesh, spec: P | None = None) -> jax.Array:
-    """Host array -> global device array laid out as ``spec`` (default: replicated).
-
-    Built from per-device slices, so it also works when the mesh spans several processes."""
-    return jax.make_array_from_callback(array.shape, sharding(mesh, spec),
-                                        lambda index: array[index])
-
-
-# ----------------------------------------------------------------------------------------------
 # Model, optimizer, steps
 # ----------------------------------------------------------------------------------------------
 
 
 def build_model(cfg: Config, image_shape=None) -> models.ConvAutoencoder:
-    """``image_shape`` (H, W, C) is needed only for ``decode`` (``method="decode"``)."""
+    """The model ``cfg.model`` describes: the one place a config becomes a model.
+    ``image_shape`` (H, W, C) is needed only for ``decode`` (``method="decode"``)."""
     m = cfg.model
     n = len(m.features)
     return models.ConvAutoencoder(
@@ -210,17 +136,17 @@ def _step(state: TrainState, images: jax.Array) -> tuple[TrainState, jax.Array]:
 
 @functools.partial(jax.jit, donate_argnums=0)
 def train_step(state: TrainState, images: jax.Array) -> tuple[TrainState, jax.Array]:
-    """One optimizer step on images [B, H, W, C] uint8; returns (new state, loss).
+    """One optimizer step on one batch, images [B, H, W, C] uint8; returns (new state, loss).
 
-    The per-step path (one Python call per batch); training itself uses ``train_steps``.
+    One Python call per batch (tests, benchmarks); training uses ``train_epoch_steps``.
     """
     return _step(state, images)
 
 
 @functools.partial(jax.jit, donate_argnums=0, static_argnames="length")
-def train_steps(state: TrainState, images: jax.Array, batches: jax.Array, start: jax.Array,
-                length: int) -> tuple[TrainState, jax.Array]:
-    """``length`` optimizer steps in one compiled program, on data that stays on the device.
+def train_epoch_steps(state: TrainState, images: jax.Array, batches: jax.Array,
+                      start: jax.Array, length: int) -> tuple[TrainState, jax.Array]:
+    """``length`` steps of an epoch in one compiled program, on data that stays on the device.
 
     images: [N, H, W, C] uint8, the whole training split (replicated on every device);
     batches: [S, B] int32 example indices of this epoch's batches (sharded along B);
@@ -244,12 +170,17 @@ def epoch_batches(key: jax.Array, num_examples: int, batch_size: int) -> jax.Arr
     return perm[:steps * batch_size].reshape(steps, batch_size).astype(jnp.int32)
 
 
+def reconstruct(apply_fn, params, images: jax.Array) -> jax.Array:
+    """images: [B, H, W, C] uint8 -> reconstructions [B, H, W, C] in [0, 1] (sigmoid of the
+    model's logits). ``apply_fn``: the model's ``apply``."""
+    return jax.nn.sigmoid(apply_fn({"params": params}, data_lib.normalize(images)))
+
+
 @jax.jit
 def eval_step(state: TrainState, images: jax.Array) -> tuple[jax.Array, jax.Array]:
     """images: [B, H, W, C] uint8 -> (per-example mean squared error [B], reconstructions)."""
-    x = data_lib.normalize(images)
-    recon = jax.nn.sigmoid(state.apply_fn({"params": state.params}, x))
-    return jnp.mean((recon - x) ** 2, axis=(1, 2, 3)), recon
+    recon = reconstruct(state.apply_fn, state.params, images)
+    return jnp.mean((recon - data_lib.normalize(images)) ** 2, axis=(1, 2, 3)), recon
 
 
 @jax.jit
@@ -274,8 +205,8 @@ class EvalSet:
         padded = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
         valid = np.arange(s * b) < len(images)
         self.num_examples = len(images)
-        self.batches = put(padded.reshape(s, b, *images.shape[1:]), mesh, P(None, BATCH_AXIS))
-        self.valid = put(valid.reshape(s, b), mesh, P(None, BATCH_AXIS))
+        self.batches = cluster.put(padded.reshape(s, b, *images.shape[1:]), mesh, BATCHES)
+        self.valid = cluster.put(valid.reshape(s, b), mesh, BATCHES)
 
 
 def evaluate(state: TrainState, test: EvalSet, program=None) -> float:
@@ -302,6 +233,13 @@ def psnr(mse: float) -> float:
 # ----------------------------------------------------------------------------------------------
 
 
+def load_data(cfg: Config) -> data_lib.Dataset:
+    """The splits ``cfg.data`` names, in memory: the one place a config becomes data (cae.train,
+    cae.ablate, cae.visualize and the scripts). Raises DataError."""
+    return data_lib.load_dataset(cfg.data.name, cfg.data.data_dir, cfg.data.manual_dir,
+                                 cfg.data.max_train_examples)
+
+
 def code_shape(cfg: Config, image_shape) -> tuple[int, int, int]:
     """The code's shape (h, w, C) for images of ``image_shape`` (H, W, C); its size h * w * C is
     the number of values per image the encoder keeps. Raises ValueError if a layer does not fit."""
@@ -310,7 +248,9 @@ def code_shape(cfg: Config, image_shape) -> tuple[int, int, int]:
                              m.code_size)
 
 
-def _check_geometry(cfg: Config, image_shape, num_train: int, num_devices: int = 1) -> None:
+def check_geometry(cfg: Config, image_shape, num_train: int, num_devices: int = 1) -> None:
+    """What the config alone cannot check: the model against the images (H, W, C), the batch
+    against the training split and the devices. Raises ConfigError."""
     try:
         code_shape(cfg, image_shape)
     except ValueError as e:
@@ -327,19 +267,6 @@ def _check_geometry(cfg: Config, image_shape, num_train: int, num_devices: int =
                           f"number of devices ({num_devices}); each device takes an equal share")
 
 
-def _progress(cfg: Config, total: int, desc: str):
-    from tqdm.auto import tqdm
-
-    disable = None if cfg.output.progress == "auto" else not cfg.output.progress  # None: tty only
-    return tqdm(total=total, desc=desc, disable=disable, leave=False, dynamic_ncols=True)
-
-
-def load_data(cfg: Config) -> data_lib.Dataset:
-    """The splits ``cfg.data`` names, in memory. Raises DataError."""
-    return data_lib.load_dataset(cfg.data.name, cfg.data.data_dir, cfg.data.manual_dir,
-                                 cfg.data.max_train_examples)
-
-
 def train_and_evaluate(cfg: Config, workdir: str | os.PathLike | None = None,
                        dataset: data_lib.Dataset | None = None) -> dict:
     """Run (or resume) the experiment in ``workdir`` (default ``cfg.output.dir``).
@@ -349,115 +276,200 @@ def train_and_evaluate(cfg: Config, workdir: str | os.PathLike | None = None,
     ``workdir/summary.json``.
     Raises ConfigError / DataError / RunDirError for user mistakes, TrainingDiverged on NaN.
     """
-    t_start = time.perf_counter()
+    started = time.perf_counter()
     if workdir is not None:
         cfg = dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, dir=str(workdir)))
-    run_dir = Path(cfg.output.dir)
     ds = load_data(cfg) if dataset is None else dataset
-    mesh = make_mesh()
-    _check_geometry(cfg, ds.image_shape, len(ds.train), mesh.size)
-    batch_size = cfg.train.batch_size
-    steps_per_epoch = len(ds.train) // batch_size  # see epoch_batches: shuffled, none lost
+    mesh = cluster.make_mesh()
+    check_geometry(cfg, ds.image_shape, len(ds.train), mesh.size)
+    steps_per_epoch = len(ds.train) // cfg.train.batch_size  # see epoch_batches: none lost
     state = create_train_state(cfg, ds.image_shape, steps_per_epoch * cfg.train.epochs)
-
-    resume, lock = cluster.open_run_dir(run_dir, config_lib.to_dict(cfg), cfg.output.overwrite)
-    # Every process: orbax coordinates the writes, and they agree on each step's outcome.
-    ckpt = rundir.Checkpointer(run_dir, agree=lambda outcome: cluster.all_outcomes(
-        outcome, "checkpointing"), primary=cluster.is_primary())
-    history: list[dict] = []
-    first_epoch = 1
-    if resume:
-        # Restored straight into the mesh's layout: with several processes, arrays restored
-        # onto each process's own device could not be moved onto the mesh afterwards.
-        last, restored, history = ckpt.restore_latest(
-            state_tree(jax.device_put(state, sharding(mesh))),
-            report=lambda line: print(line, file=sys.stderr, flush=True))
-        state = state.replace(**restored)
-        first_epoch = last + 1
-        print(f"resuming {run_dir} from the checkpoint of epoch {last}/{cfg.train.epochs}")
-    # Only process 0 writes the run dir's own files; the others write theirs to a scratch dir.
-    out_dir = run_dir if cluster.is_primary() else Path(tempfile.mkdtemp(prefix="cae-scratch-"))
-    rundir.write_atomic(out_dir / rundir.METRICS_FILE, rundir.dump_jsonl(history))
-
-    # The data and the parameters live on the device(s) for the whole run: the training split
-    # and parameters replicated, each batch split over the devices; XLA inserts the gradient
-    # all-reduce. One Python call runs LOG_EVERY steps.
-    state = jax.device_put(state, sharding(mesh))
-    train_images = put(ds.train, mesh)
-    test_set = EvalSet(ds.test, cfg.train.eval_batch_size, mesh)
-    batch_sharding = sharding(mesh, P(None, BATCH_AXIS))
-    shuffle_key = jax.random.key(cfg.train.seed)
-
-    from tensorboardX import SummaryWriter
-
-    writer = SummaryWriter(str(out_dir / "tensorboard"),
-                           purge_step=int(state.step) if resume else None)
-    eval_program = compile_evaluation(state, test_set)
-    initial_mse = (history[0]["initial_test_mse"] if history
-                   else evaluate(state, test_set, eval_program))
-    steady_images, steady_time = 0, 0.0
-    wall_before = history[-1]["wall_time_s"] if history else 0.0
-    # Compile the training programs up front (one per chunk length: LOG_EVERY and the epoch's
-    # remainder), so that no epoch compiles and the throughput figures are all steady state.
-    t0 = time.perf_counter()
-    batches_spec = jax.ShapeDtypeStruct((steps_per_epoch, batch_size), jnp.int32,
-                                        sharding=batch_sharding)
-    programs = {length: cpu_speed.compile_fast(train_steps.lower(state, train_images, batches_spec,
-                                                           np.int32(0), length))
-                for length in {min(LOG_EVERY, steps_per_epoch), steps_per_epoch % LOG_EVERY} - {0}}
-    print(f"compiled the training step ({cfg.train.batch_size} images, {mesh.size} "
-          f"device{'s' if mesh.size > 1 else ''}) in {time.perf_counter() - t0:.1f} s", flush=True)
-    try:
+    with RunFiles(cfg) as files:
+        state, history, first_epoch = files.restore(state, mesh)
+        # The data and the parameters live on the device(s) for the whole run: the training
+        # split and parameters replicated, each batch split over the devices; XLA inserts the
+        # gradient all-reduce.
+        state = jax.device_put(state, cluster.sharding(mesh))
+        test_set = EvalSet(ds.test, cfg.train.eval_batch_size, mesh)
+        files.open_tensorboard(purge_step=int(state.step) if first_epoch > 1 else None)
+        eval_program = compile_evaluation(state, test_set)
+        record = RunRecord(history, started, cfg.train.batch_size, initial_test_mse=(
+            history[0]["initial_test_mse"] if history else evaluate(state, test_set, eval_program)))
+        trainer = EpochTrainer(cfg, state, ds.train, mesh)  # compiles up front
         for epoch in range(first_epoch, cfg.train.epochs + 1):
-            batches = jax.device_put(epoch_batches(jax.random.fold_in(shuffle_key, epoch),
-                                                   len(ds.train), batch_size), batch_sharding)
-            losses, bar = [], _progress(cfg, steps_per_epoch, f"epoch {epoch}")
-            t0 = time.perf_counter()
-            for start in range(0, steps_per_epoch, LOG_EVERY):
-                length = min(LOG_EVERY, steps_per_epoch - start)
-                state, chunk = programs[length](state, train_images, batches, np.int32(start))
-                chunk = np.asarray(chunk)  # waits for the chunk; the NaN check needs it anyway
-                losses.append(chunk)
-                if not np.all(np.isfinite(chunk)):
-                    bad = int(np.argmin(np.isfinite(chunk)))
-                    raise TrainingDiverged(
-                        f"train loss became {chunk[bad]} at epoch {epoch}, step {start + bad + 1}; "
-                        f"stopped. {_last_good(epoch, run_dir)}; try a lower train.learning_rate")
-                writer.add_scalar("train/loss", float(chunk[-1]), int(state.step))
-                bar.set_postfix(loss=f"{chunk[-1]:.4f}")
-                bar.update(length)
-            epoch_time = time.perf_counter() - t0
-            timed_images = steps_per_epoch * batch_size
-            bar.close()
-            steady_images, steady_time = steady_images + timed_images, steady_time + epoch_time
-            test_mse = evaluate(state, test_set, eval_program)
-            record = {
-                "epoch": epoch, "step": int(state.step),
-                "train_loss": float(np.mean(np.concatenate(losses))),
-                "test_mse": test_mse, "test_psnr": psnr(test_mse),
-                "epoch_time_s": epoch_time,
-                "images_per_sec": timed_images / epoch_time if epoch_time > 0 else 0.0,
-                "wall_time_s": wall_before + time.perf_counter() - t_start,
-                "initial_test_mse": initial_mse,
-            }
-            history.append(record)
-            ckpt.save(epoch, state_tree(state), history)  # committed before we report it
-            rundir.write_atomic(out_dir / rundir.METRICS_FILE, rundir.dump_jsonl(history))
-            for key in ("train_loss", "test_mse", "test_psnr", "images_per_sec"):
-                writer.add_scalar(f"epoch/{key}", record[key], int(state.step))
-            print(f"epoch {epoch}/{cfg.train.epochs}: train_loss {record['train_loss']:.4f}  "
-                  f"test_mse {test_mse:.5f}  test_psnr {record['test_psnr']:.2f} dB  "
-                  f"{record['images_per_sec']:.0f} img/s  {epoch_time:.1f} s", flush=True)
-        summary = _finish(cfg, state, ds, history, out_dir, writer, steady_images, steady_time,
-                          wall_before + time.perf_counter() - t_start)
-    finally:
-        _close_events(writer)
-        ckpt.close()
-        if lock is not None:
-            lock.release()
-        if out_dir != run_dir:
-            shutil.rmtree(out_dir, ignore_errors=True)
-    return summary
+            state, losses, seconds = trainer.run(state, epoch, files)
+            record.add_epoch(epoch, state, losses, seconds,
+                             test_mse=evaluate(state, test_set, eval_program))
+            files.save_epoch(state, record.history)
+        return write_report(cfg, state, ds, record, files)
+
+
+@dataclasses.dataclass
+class RunRecord:
+    """What the run measured: ``history``, one metrics.jsonl record per epoch (those of a resumed
+    run's checkpoint first), and the throughput of the epochs this process trained."""
+
+    history: list[dict]
+    started: float  # time.perf_counter() when this process's part of the run began
+    batch_size: int
+    initial_test_mse: float  # of the untrained model
+    trained_images: int = 0
+    trained_seconds: float = 0.0
+    wall_before: float = dataclasses.field(init=False)  # of the epochs restored from a checkpoint
+
+    def __post_init__(self):
+        self.wall_before = self.history[-1]["wall_time_s"] if self.history else 0.0
+
+    def wall_time_s(self) -> float:
+        """Since the run began, the time of the processes it was resumed from included."""
+        return self.wall_before + time.perf_counter() - self.started
+
+    def add_epoch(self, epoch: int, state: TrainState, losses: np.ndarray, seconds: float, *,
+                  test_mse: float) -> None:
+        """losses: the epoch's train loss per step [S]; seconds: its training time."""
+        images = len(losses) * self.batch_size
+        self.trained_images += images
+        self.trained_seconds += seconds
+        self.history.append({
+            "epoch": epoch, "step": int(state.step),
+            "train_loss": float(np.mean(losses)),
+            "test_mse": test_mse, "test_psnr": psnr(test_mse),
+            "epoch_time_s": seconds,
+            "images_per_sec": images / seconds if seconds > 0 else 0.0,
+            "wall_time_s": self.wall_time_s(),
+            "initial_test_mse": self.initial_test_mse,
+        })
+
+    def images_per_sec(self) -> float:
+        """Steady-state training throughput; when every epoch came from a checkpoint, what
+        those epochs measured."""
+        if self.trained_seconds > 0:
+            return self.trained_images / self.trained_seconds
+        ips = [r["images_per_sec"] for r in self.history if r["images_per_sec"] > 0]
+        return float(np.mean(ips)) if ips else 0.0
+
+
+class RunFiles:
+    """The run dir as this process writes it: the lock, the checkpoints, metrics.jsonl and
+    TensorBoard, closed (lock released) on leaving the ``with`` block.
+
+    Every process checkpoints (orbax coordinates the writes, and they agree on each step's
+    outcome); only process 0 writes the run dir's own files, the others a scratch dir's.
+    """
+
+    def __init__(self, cfg: Config):
+        self.cfg, self.run_dir = cfg, Path(cfg.output.dir)
+        self.resume, self.lock = cluster.open_run_dir(self.run_dir, config_lib.to_dict(cfg),
+                                                      cfg.output.overwrite)
+        self.ckpt = rundir.Checkpointer(self.run_dir, agree=lambda outcome: cluster.all_outcomes(
+            outcome, "checkpointing"), primary=cluster.is_primary())
+        self.out_dir = (self.run_dir if cluster.is_primary()
+                        else Path(tempfile.mkdtemp(prefix="cae-scratch-")))
+        self.writer = None
+
+    def __enter__(self) -> RunFiles:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.writer is not None:
+            _close_events(self.writer)
+        self.ckpt.close()
+        if self.lock is not None:
+            self.lock.release()
+        if self.out_dir != self.run_dir:
+            shutil.rmtree(self.out_dir, ignore_errors=True)
+
+    def restore(self, state: TrainState, mesh: Mesh) -> tuple[TrainState, list[dict], int]:
+        """-> (state, metrics history, first epoch to train): the latest checkpoint's when the
+        run resumes, else (``state``, [], 1). Starts metrics.jsonl with the history."""
+        history, first_epoch = [], 1
+        if self.resume:
+            # Restored straight into the mesh's layout: with several processes, arrays restored
+            # onto each process's own device could not be moved onto the mesh afterwards.
+            last, restored, history = self.ckpt.restore_latest(
+                state_tree(jax.device_put(state, cluster.sharding(mesh))),
+                report=lambda line: print(line, file=sys.stderr, flush=True))
+            state, first_epoch = state.replace(**restored), last + 1
+            print(f"resuming {self.run_dir} from the checkpoint of epoch "
+                  f"{last}/{self.cfg.train.epochs}")
+        rundir.write_atomic(self.out_dir / rundir.METRICS_FILE, rundir.dump_jsonl(history))
+        return state, history, first_epoch
+
+    def open_tensorboard(self, purge_step: int | None) -> None:
+        """``purge_step``: a resumed run's step; TensorBoard drops the events written after it."""
+        from tensorboardX import SummaryWriter
+
+        self.writer = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=purge_step)
+
+    def save_epoch(self, state: TrainState, history: list[dict]) -> None:
+        """Checkpoint the epoch that ends ``history``, then report it: metrics.jsonl,
+        TensorBoard, one line on stdout."""
+        record = history[-1]
+        self.ckpt.save(record["epoch"], state_tree(state), history)  # committed before reported
+        rundir.write_atomic(self.out_dir / rundir.METRICS_FILE, rundir.dump_jsonl(history))
+        for key in ("train_loss", "test_mse", "test_psnr", "images_per_sec"):
+            self.writer.add_scalar(f"epoch/{key}", record[key], record["step"])
+        print(f"epoch {record['epoch']}/{self.cfg.train.epochs}: train_loss "
+              f"{record['train_loss']:.4f}  test_mse {record['test_mse']:.5f}  test_psnr "
+              f"{record['test_psnr']:.2f} dB  {record['images_per_sec']:.0f} img/s  "
+              f"{record['epoch_time_s']:.1f} s", flush=True)
+
+
+class EpochTrainer:
+    """The training split on the device(s) and the programs that train on it, compiled up front
+    (one per chunk length: LOG_EVERY and the epoch's remainder), so that no epoch compiles and
+    every epoch's throughput is steady state. One Python call runs LOG_EVERY steps."""
+
+    def __init__(self, cfg: Config, state: TrainState, train_images: np.ndarray, mesh: Mesh):
+        self.cfg, self.num_examples = cfg, len(train_images)
+        self.steps = len(train_images) // cfg.train.batch_size  # see epoch_batches: none lost
+        self.images = cluster.put(train_images, mesh)
+        self.batch_sharding = cluster.sharding(mesh, BATCHES)
+        self.shuffle_key = jax.random.key(cfg.train.seed)
+        t0 = time.perf_counter()
+        batches = jax.ShapeDtypeStruct((self.steps, cfg.train.batch_size), jnp.int32,
+                                       sharding=self.batch_sharding)
+        self.programs = {
+            length: cpu_speed.compile_fast(train_epoch_steps.lower(
+                state, self.images, batches, np.int32(0), length))
+            for length in {min(LOG_EVERY, self.steps), self.steps % LOG_EVERY} - {0}}
+        print(f"compiled the training step ({cfg.train.batch_size} images, {mesh.size} "
+              f"device{'s' if mesh.size > 1 else ''}) in {time.perf_counter() - t0:.1f} s",
+              flush=True)
+
+    def run(self, state: TrainState, epoch: int, files: RunFiles
+            ) -> tuple[TrainState, np.ndarray, float]:
+        """One epoch on a fresh shuffle -> (state, loss per step [S], seconds). Raises
+        TrainingDiverged when a loss is not finite."""
+        batches = jax.device_put(
+            epoch_batches(jax.random.fold_in(self.shuffle_key, epoch), self.num_examples,
+                          self.cfg.train.batch_size), self.batch_sharding)
+        losses, bar = [], _progress(self.cfg, self.steps, f"epoch {epoch}")
+        t0 = time.perf_counter()
+        for start in range(0, self.steps, LOG_EVERY):
+            length = min(LOG_EVERY, self.steps - start)
+            state, chunk = self.programs[length](state, self.images, batches, np.int32(start))
+            chunk = np.asarray(chunk)  # waits for the chunk; the NaN check needs it anyway
+            losses.append(chunk)
+            if not np.all(np.isfinite(chunk)):
+                bad = int(np.argmin(np.isfinite(chunk)))
+                raise TrainingDiverged(
+                    f"train loss became {chunk[bad]} at epoch {epoch}, step {start + bad + 1}; "
+                    f"stopped. {_last_good(epoch, files.run_dir)}; try a lower "
+                    "train.learning_rate")
+            files.writer.add_scalar("train/loss", float(chunk[-1]), int(state.step))
+            bar.set_postfix(loss=f"{chunk[-1]:.4f}")
+            bar.update(length)
+        seconds = time.perf_counter() - t0
+        bar.close()
+        return state, np.concatenate(losses), seconds
+
+
+def _progress(cfg: Config, total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    disable = None if cfg.output.progress == "auto" else not cfg.output.progress  # None: tty only
+    return tqdm(total=total, desc=desc, disable=disable, leave=False, dynamic_ncols=True)
 
 
 def _close_events(writer) -> None:
@@ -484,36 +496,20 @@ def state_tree(state: TrainState) -> dict:
     return {"params": state.params, "opt_state": state.opt_state, "step": state.step}
 
 
-def _finish(cfg, state, ds, history, run_dir, writer, steady_images, steady_time, wall) -> dict:
-    n = min(cfg.output.num_images, len(ds.test))
-    originals = ds.test[:n]
-    recon = np.asarray(eval_step(state, originals)[1])
-    final = history[-1]
+# ----------------------------------------------------------------------------------------------
+# The end-of-run report: pictures, linear probe, PCA baseline, summary.json
+# ----------------------------------------------------------------------------------------------
+
+
+def write_report(cfg: Config, state: TrainState, ds: data_lib.Dataset, record: RunRecord,
+                 files: RunFiles) -> dict:
+    """Pictures, TensorBoard images, linear probe and PCA baseline, then summary.json (written
+    last and atomically: it marks the run finished) -> the summary."""
+    wall_time_s = record.wall_time_s()  # the training's, without this report
     code_size, pca = pca_baseline(cfg, ds, probe=cfg.train.linear_probe)
-    against, baseline = pca_labels(code_size, pca)
-    plots.save_reconstructions(
-        run_dir / "reconstructions.png", data_lib.normalize(originals), recon,
-        title=f"{ds.name}, {'tied' if cfg.model.tied else 'untied'}, code of {code_size} "
-              f"numbers: test MSE {final['test_mse']:.4f}{against} after {cfg.train.epochs} "
-              "epochs")
-    writer.add_images("test/reconstructions", np.concatenate(
-        [data_lib.normalize(originals), recon]), int(state.step), dataformats="NHWC")
-    plots.save_figure(run_dir / "curves.png", plots.curves_figure(
-        history, loss_name=f"train loss ({cfg.train.loss.upper()})",
-        title=f"{ds.name}, {'tied' if cfg.model.tied else 'untied'}", baseline=baseline))
-    probe_acc = None
-    if cfg.train.linear_probe:  # frozen codes of the train split -> classifier -> test split
-        print(f"linear probe: logistic regression on the codes of {len(ds.train)} train images "
-              "(train.linear_probe=false skips it)", flush=True)
-        probe_acc = probe.probe_dataset(build_model(cfg, ds.image_shape).apply, state.params, ds,
-                                        cfg.train.eval_batch_size, seed=cfg.train.seed)
-        if probe_acc is not None:
-            writer.add_scalar("test/linear_probe_acc", probe_acc, int(state.step))
-    if steady_time <= 0:  # every epoch came from a checkpoint: report what they measured
-        ips = [r["images_per_sec"] for r in history if r["images_per_sec"] > 0]
-        images_per_sec = float(np.mean(ips)) if ips else 0.0
-    else:
-        images_per_sec = steady_images / steady_time
+    save_pictures(cfg, state, ds, record.history, files, code_size=code_size, pca=pca)
+    probe_acc = linear_probe(cfg, state, ds, files.writer) if cfg.train.linear_probe else None
+    final = record.history[-1]
     summary = {
         "test_mse": final["test_mse"],
         "test_psnr": final["test_psnr"],
@@ -523,10 +519,10 @@ def _finish(cfg, state, ds, history, run_dir, writer, steady_images, steady_time
         "tied": cfg.model.tied,
         "epochs": cfg.train.epochs,
         "steps": int(state.step),
-        "train_images_per_sec": images_per_sec,
+        "train_images_per_sec": record.images_per_sec(),
         "num_devices": jax.device_count(),  # batches are split over all of them
         "backend": jax.default_backend(),
-        "wall_time_s": wall,
+        "wall_time_s": wall_time_s,
         "dataset": ds.name,
         "image_shape": list(ds.image_shape),
         "linear_probe_acc": probe_acc,  # None: switched off, or a dataset without labels
@@ -538,8 +534,39 @@ def _finish(cfg, state, ds, history, run_dir, writer, steady_images, steady_time
                                        else float("inf"))
         if cfg.train.linear_probe:
             summary["pca_probe_acc"] = pca.probe_acc
-    rundir.write_atomic(run_dir / rundir.SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+    rundir.write_atomic(files.out_dir / rundir.SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def save_pictures(cfg: Config, state: TrainState, ds: data_lib.Dataset, history: list[dict],
+                  files: RunFiles, *, code_size: int, pca) -> None:
+    """reconstructions.png (also to TensorBoard) and curves.png, each beside the PCA baseline
+    (``pca``: ``pca_baseline``'s, None without one)."""
+    originals = ds.test[:min(cfg.output.num_images, len(ds.test))]
+    recon = np.asarray(eval_step(state, originals)[1])
+    against, baseline = pca_labels(code_size, pca)
+    kind = f"{ds.name}, {'tied' if cfg.model.tied else 'untied'}"
+    plots.save_reconstructions(
+        files.out_dir / "reconstructions.png", data_lib.normalize(originals), recon,
+        title=f"{kind}, code of {code_size} numbers: test MSE {history[-1]['test_mse']:.4f}"
+              f"{against} after {cfg.train.epochs} epochs")
+    files.writer.add_images("test/reconstructions", np.concatenate(
+        [data_lib.normalize(originals), recon]), int(state.step), dataformats="NHWC")
+    plots.save_figure(files.out_dir / "curves.png", plots.curves_figure(
+        history, loss_name=f"train loss ({cfg.train.loss.upper()})", title=kind,
+        baseline=baseline))
+
+
+def linear_probe(cfg: Config, state: TrainState, ds: data_lib.Dataset, writer) -> float | None:
+    """Frozen codes of the train split -> logistic regression -> its test accuracy (None for a
+    dataset without labels), also to TensorBoard."""
+    print(f"linear probe: logistic regression on the codes of {len(ds.train)} train images "
+          "(train.linear_probe=false skips it)", flush=True)
+    acc = probe.probe_dataset(build_model(cfg, ds.image_shape).apply, state.params, ds,
+                              cfg.train.eval_batch_size, seed=cfg.train.seed)
+    if acc is not None:
+        writer.add_scalar("test/linear_probe_acc", acc, int(state.step))
+    return acc
 
 
 def pca_baseline(cfg: Config, ds: data_lib.Dataset, probe: bool = False):
@@ -589,54 +616,19 @@ def summary_line(summary: dict) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-EXIT_DIVERGED, EXIT_USER, EXIT_STORAGE = 1, 2, 3
-
-
-def run_command(body, interrupted: str) -> tuple[int, Any]:
-    """Run a command-line entry point's ``body()``; returns (exit code, its result).
-
-    Exit codes (README, *Reliability*): mistakes in the config, the data or the run dir 2; the
-    storage failing (disk full, read-only, not a directory) 3; a diverged run 1; Ctrl-C 130 and
-    SIGTERM 143 (with the ``interrupted`` hint). Each with one line on stderr, never a
-    traceback. Other exceptions are bugs and propagate.
-    """
-    try:
-        with cluster.terminate_promptly(interrupted):
-            return 0, body()
-    except (ConfigError, data_lib.DataError, rundir.RunDirError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USER, None
-    except rundir.StorageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_STORAGE, None
-    except OSError as e:
-        print(f"error: {rundir.storage_error_message(e)}", file=sys.stderr)
-        return EXIT_STORAGE, None
-    except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_DIVERGED, None
-    except KeyboardInterrupt:
-        print(interrupted, file=sys.stderr)
-        return 130, None
-    except cluster.Terminated:
-        cluster.say_once(interrupted)
-        return 143, None
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = config_lib.CommandLineParser(prog="python -m cae.train",
-                                          description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="YAML experiment config")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set train.epochs=3 (repeatable)")
+    parser = cli.CommandLineParser(prog="python -m cae.train",
+                                   description=__doc__.splitlines()[0])
+    cli.add_config_flags(parser, config_help="YAML experiment config",
+                         set_help="override a config key, e.g. --set train.epochs=3 (repeatable)")
     args = parser.parse_args(argv)
 
     def run():
-        maybe_initialize_distributed()
+        cluster.maybe_initialize_distributed()
         cfg = config_lib.load_config(args.config, args.set)
         return cfg, train_and_evaluate(cfg)
 
-    code, result = run_command(
+    code, result = cli.run_command(
         run, "interrupted: run the same command again to resume from the last checkpoint")
     if code:
         return code
@@ -645,19 +637,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def exit_with(code: int) -> None:
-    """Exit with ``code``. After a storage failure or an interruption, without the exit
-    handlers and the interpreter's teardown: they would retry the writes that just failed
-    (TensorBoard's, orbax's) and print their tracebacks after our one line, or, interrupted
-    amid JAX's and orbax's threads, crash (SIGSEGV seen after SIGTERM) or wait for the other
-    processes of a job. Everything committed is on disk already (orbax waits for each save,
-    the other files are renamed into place)."""
-    if code not in (EXIT_STORAGE, 130, 143):
-        sys.exit(code)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
 if __name__ == "__main__":
-    exit_with(main())
+    cli.exit_with(main())

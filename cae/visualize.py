@@ -14,19 +14,17 @@ import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before anything imports TensorFlow
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import yaml
 
+from cae import cli, plots, probe, rundir
 from cae import config as config_lib
 from cae import data as data_lib
-from cae import plots, probe, rundir
 from cae.config import ConfigError
 
-__all__ = ["PICTURES", "one_hot_codes", "decode_codes", "reconstruct", "load_run",
+__all__ = ["PICTURES", "one_hot_codes", "decode_codes", "load_run",
            "write_pictures", "visualize", "main", "VisualizeError"]
 
 PICTURES = ("reconstructions.png", "curves.png", "filters.png", "codes_pca.png",
@@ -36,6 +34,8 @@ CODE_POINTS = 5000  # test codes in codes_pca.png (PCA fitted on the whole test 
 
 class VisualizeError(RuntimeError):
     """RUN_DIR or --out cannot be used; the message is one line."""
+
+    exit_code = cli.EXIT_USER
 
 
 def one_hot_codes(code_shape: tuple[int, int, int], amplitude: float) -> np.ndarray:
@@ -51,12 +51,6 @@ def decode_codes(model, params, codes: np.ndarray) -> np.ndarray:
     """codes: [N, h, w, F] -> sigmoid(decoder(codes)) [N, H, W, C] in [0, 1]. ``model`` needs
     ``image_shape`` (see ``train.build_model``)."""
     logits = model.apply({"params": params}, jnp.asarray(codes), method="decode")
-    return np.asarray(jax.nn.sigmoid(logits))
-
-
-def reconstruct(model, params, images: np.ndarray) -> np.ndarray:
-    """images: [N, H, W, C] uint8 -> reconstructions [N, H, W, C] in [0, 1]."""
-    logits = model.apply({"params": params}, data_lib.normalize(jnp.asarray(images)))
     return np.asarray(jax.nn.sigmoid(logits))
 
 
@@ -87,8 +81,7 @@ def load_run(run_dir: Path):
         if epoch is None:
             raise VisualizeError(f"RUN_DIR {str(run_dir)!r}: no checkpoint yet (the run "
                                  "stopped before its first epoch ended); nothing to draw")
-        ds = data_lib.load_dataset(cfg.data.name, cfg.data.data_dir, cfg.data.manual_dir,
-                                   cfg.data.max_train_examples)
+        ds = train.load_data(cfg)
         # The abstract train state gives orbax the structure of what was saved.
         state = train.create_train_state(cfg, ds.image_shape, 1)
         epoch, restored, history = _restore_newest_intact(ckpt, train.state_tree(state))
@@ -126,7 +119,7 @@ def write_pictures(cfg, ds, params, history: list[dict], out_dir: Path, epoch: i
 
     n = min(cfg.output.num_images, len(ds.test))
     originals = ds.test[:n]
-    recon = reconstruct(model, params, originals)
+    recon = np.asarray(train.reconstruct(model.apply, params, jnp.asarray(originals)))
     against, baseline = train.pca_labels(*train.pca_baseline(cfg, ds))
     mse = f": test MSE {history[-1]['test_mse']:.4f}{against}" if history else ""
     figures["reconstructions.png"] = plots.reconstruction_figure(
@@ -139,8 +132,7 @@ def write_pictures(cfg, ds, params, history: list[dict], out_dir: Path, epoch: i
         kernel, title=f"{where}: the first encoder layer's {kernel.shape[-1]} filters "
                       f"({kernel.shape[0]}x{kernel.shape[1]})")
 
-    code_shape = model.apply({"params": params}, jnp.zeros((1, *ds.image_shape)),
-                             method="encode").shape[1:]
+    code_shape = train.code_shape(cfg, ds.image_shape)
     h, w, f = code_shape
     codes = probe.encode_images(model.apply, params, ds.test, cfg.train.eval_batch_size)
     figures["codes_pca.png"] = plots.codes_figure(
@@ -178,25 +170,19 @@ def visualize(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = No
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = config_lib.CommandLineParser(prog="python -m cae.visualize",
-                                          description=__doc__.splitlines()[0])
+    parser = cli.CommandLineParser(prog="python -m cae.visualize",
+                                   description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a training run's output.dir")
     parser.add_argument("--out", default=None, metavar="DIR",
                         help="write the PNGs here instead of RUN_DIR")
     args = parser.parse_args(argv)
-    try:
-        written = visualize(args.run_dir, args.out)
-    except (VisualizeError, ConfigError, data_lib.DataError, rundir.RunDirError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # --out (or RUN_DIR) read-only, disk full, ...: as cae.train, exit 3
-        print(f"error: {rundir.storage_error_message(e)}", file=sys.stderr)
-        return 3
+    code, written = cli.run_command(lambda: visualize(args.run_dir, args.out),
+                                    "interrupted: run the same command again to draw them")
+    if code:
+        return code
     print(f"wrote {', '.join(p.name for p in written)} to {written[0].parent}")
     return 0
 
 
 if __name__ == "__main__":
-    from cae import train
-
-    train.exit_with(main())
+    cli.exit_with(main())

@@ -6,9 +6,10 @@ on the machine hits all alike; the figure is the median over ``--rounds``):
 
 * ``jax per-step``   ``cae.train.train_step``: one jitted call per batch, the batch copied from
                      host memory each step (what most JAX examples do);
-* ``jax scan``       ``cae.train.train_steps``: the data on the device, ``--steps`` steps as one
-                     compiled ``lax.scan`` program, compiled with ``cae.cpu_speed.compile_fast``
-                     (on CPU: XLA's own convolutions, not YNNPACK's); what ``cae.train`` runs;
+* ``jax scan``       ``cae.train.train_epoch_steps``: the data on the device, ``--steps`` steps
+                     as one compiled ``lax.scan`` program, compiled with
+                     ``cae.cpu_speed.compile_fast`` (on CPU: XLA's own convolutions, not
+                     YNNPACK's); what ``cae.train`` runs;
 * ``jax scan, XLA default``  the same program compiled with XLA's default options (on CPU
                      only; shows what ``compile_fast`` buys);
 * ``torch``          the same architecture, initial weights, batch size, loss and optimizer
@@ -33,7 +34,6 @@ import statistics
 import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 try:
     import cae  # noqa: F401  (installed with `pip install -e .`)
 except ImportError:  # running from a checkout without installing
@@ -44,14 +44,13 @@ import jax.numpy as jnp
 import numpy as np
 from bench_ops import config_from_command_line, cpu_model
 
-from cae import cpu_speed, models, ops, train
+from cae import cluster, cpu_speed, models, ops, train
 from cae import data as data_lib
 
 
 def load_images(cfg) -> tuple[np.ndarray, str]:
     try:
-        ds = data_lib.load_dataset(cfg.data.name, cfg.data.data_dir, cfg.data.manual_dir,
-                                   cfg.data.max_train_examples)
+        ds = train.load_data(cfg)
         return ds.train, f"{ds.name} train split, {len(ds.train)} images"
     except data_lib.DataError as e:
         rng = np.random.default_rng(0)
@@ -161,7 +160,7 @@ def main(argv=None) -> int:
     batch = cfg.train.batch_size
     steps_per_epoch = len(images) // batch
     steps = min(args.steps, steps_per_epoch)
-    mesh = train.make_mesh()
+    mesh = cluster.make_mesh()
     print(f"# machine: {cpu_model()} ({n_cores} cores); JAX {jax.__version__} on "
           f"{mesh.size} x {jax.devices()[0].device_kind}"
           + (f"; torch {torch.__version__} ({torch.get_num_threads()} threads)" if torch else ""))
@@ -171,15 +170,15 @@ def main(argv=None) -> int:
 
     state = train.create_train_state(cfg, images.shape[1:], steps_per_epoch)
     params0 = jax.device_get(state.params)
-    train_images = train.put(images, mesh)
-    batch_sharding = train.sharding(mesh, train.P(None, train.BATCH_AXIS))
+    train_images = cluster.put(images, mesh)
+    batch_sharding = cluster.sharding(mesh, train.BATCHES)
     batches = jax.device_put(train.epoch_batches(jax.random.key(0), len(images), batch),
                              batch_sharding)
-    state = jax.device_put(state, train.sharding(mesh))
+    state = jax.device_put(state, cluster.sharding(mesh))
     host_perm = np.asarray(batches)
 
     t0 = time.perf_counter()
-    scan_lowered = train.train_steps.lower(state, train_images, batches, np.int32(0), steps)
+    scan_lowered = train.train_epoch_steps.lower(state, train_images, batches, np.int32(0), steps)
     scan_prog = cpu_speed.compile_fast(scan_lowered)
     compile_chunk = time.perf_counter() - t0
     progs = {"jax scan": scan_prog}
@@ -230,8 +229,8 @@ def main(argv=None) -> int:
 
     # One whole epoch as one compiled program.
     t0 = time.perf_counter()
-    epoch_prog = cpu_speed.compile_fast(train.train_steps.lower(states["jax scan"], train_images,
-                                                          batches, np.int32(0), steps_per_epoch))
+    epoch_prog = cpu_speed.compile_fast(train.train_epoch_steps.lower(
+        states["jax scan"], train_images, batches, np.int32(0), steps_per_epoch))
     compile_epoch = time.perf_counter() - t0
     epoch_s = _timed(lambda: jax.block_until_ready(
         epoch_prog(states["jax scan"], train_images, batches, np.int32(0))))

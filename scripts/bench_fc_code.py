@@ -3,7 +3,7 @@
 
 A conv whose kernel covers its whole input (``model.code_size``'s layer) is a matrix product;
 ``cae.ops`` runs it (and its transpose, and both gradients) as GEMMs. This A/B measures what
-that buys in ``cae.train``'s own program (``train.train_steps`` compiled with
+that buys in ``cae.train``'s own program (``train.train_epoch_steps`` compiled with
 ``cpu_speed.compile_fast``), in one process: ``gemm`` is the shipped path, ``conv`` the same model
 with the GEMM path switched off (``ops._covers_input`` forced to False, so the layer goes to
 ``lax.conv_general_dilated`` and ``choose_impl``'s transposed conv). Rounds alternate the two,
@@ -23,7 +23,6 @@ import statistics
 import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 try:
     import cae  # noqa: F401  (installed with `pip install -e .`)
 except ImportError:  # running from a checkout without installing
@@ -45,7 +44,7 @@ def compile_step(cfg, images, batches, gemm: bool):
         ops._covers_input = lambda *args: False  # traced now: the program keeps the conv path
     try:
         state = train.create_train_state(cfg, images.shape[1:], 1000)
-        lowered = train.train_steps.lower(state, images, batches, np.int32(0), len(batches))
+        lowered = train.train_epoch_steps.lower(state, images, batches, np.int32(0), len(batches))
         program = cpu_speed.compile_fast(lowered)
     finally:
         ops._covers_input = real

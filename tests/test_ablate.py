@@ -163,8 +163,8 @@ def _main(capsys, *args):
 
 
 BAD_SETS = [
-    (["ablation.foo=1"], r"--set ablation\.foo: unknown key; allowed in ablation are \['seeds', "
-                         r"'code_sizes'\]"),
+    (["ablation.foo=1"], r"--set ablation\.foo: unknown key; allowed in ablation are "
+                         r"\['code_sizes', 'seeds'\]"),
     (["ablation.code_sizes=[]"], r"ablation\.code_sizes=\[\]: list at least one size"),
     (["ablation.code_sizes=[8,0]"], r"ablation\.code_sizes\[1\]=0: must be >= 1"),
     (["ablation.code_sizes=[8,16,8]"], r"ablation\.code_sizes=\[8, 16, 8\]: size 8 appears twice"),

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from conftest import PYTHON, REPO
 
-from cae import config, cpu_speed, data, ops, train
+from cae import cluster, config, cpu_speed, data, ops, train
 
 SMOKE = REPO / "configs" / "smoke.yaml"
 SMALL = ["data.max_train_examples=4096", "train.batch_size=64"]  # 64 steps: chunks of 50 + 14
@@ -82,7 +82,7 @@ def test_train_steps_equals_the_per_step_path(mnist):
     images = mnist.train[:32 * 6]
     batches = jnp.arange(32 * 6, dtype=jnp.int32).reshape(6, 32)[::-1]  # any order
     state = train.create_train_state(cfg, mnist.image_shape, 100)
-    scan_state, scan_losses = train.train_steps(state, jnp.asarray(images), batches, 1, 4)
+    scan_state, scan_losses = train.train_epoch_steps(state, jnp.asarray(images), batches, 1, 4)
     state = train.create_train_state(cfg, mnist.image_shape, 100)
     losses = []
     for row in np.asarray(batches)[1:5]:
@@ -101,7 +101,7 @@ def test_compile_fast_changes_speed_not_results(mnist):
     images = jnp.asarray(mnist.train[:32 * 4])
     batches = jnp.arange(32 * 4, dtype=jnp.int32).reshape(4, 32)
     state = train.create_train_state(cfg, mnist.image_shape, 100)
-    lowered = train.train_steps.lower(state, images, batches, np.int32(0), 4)
+    lowered = train.train_epoch_steps.lower(state, images, batches, np.int32(0), 4)
     default, fast = lowered.compile(), cpu_speed.compile_fast(lowered)
     out = {}
     for name, program in (("default", default), ("fast", fast)):
@@ -151,7 +151,7 @@ def test_evaluate_covers_every_test_example(mnist, eval_batch_size):
     cfg = config.load_config(SMOKE)
     state = train.create_train_state(cfg, mnist.image_shape, 1)
     test = mnist.test[:1003]  # not a multiple of any batch size above
-    got = train.evaluate(state, train.EvalSet(test, eval_batch_size, train.make_mesh()))
+    got = train.evaluate(state, train.EvalSet(test, eval_batch_size, cluster.make_mesh()))
     x = data.normalize(test)
     recon = np.concatenate([np.asarray(train.eval_step(state, test[i:i + 500])[1])
                             for i in range(0, len(test), 500)])
@@ -206,19 +206,19 @@ def test_multi_host_initialisation_only_in_a_cluster(monkeypatch):
     """``jax.distributed.initialize`` is called only where a cluster environment says so."""
     calls = []
     monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append(a))
-    for var in train.CLUSTER_ENV_VARS:
+    for var in cluster.CLUSTER_ENV_VARS:
         monkeypatch.delenv(var, raising=False)
-    assert train.maybe_initialize_distributed() is False and calls == []
+    assert cluster.maybe_initialize_distributed() is False and calls == []
     monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.1:1234")
     monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
     monkeypatch.setenv("JAX_PROCESS_ID", "1")
-    assert train.maybe_initialize_distributed() is True
+    assert cluster.maybe_initialize_distributed() is True
     assert calls == [("10.0.0.1:1234", 2, 1)]
     monkeypatch.delenv("JAX_COORDINATOR_ADDRESS")
     monkeypatch.setenv("SLURM_NTASKS", "1")  # a one-task Slurm job is not a cluster
-    assert train.maybe_initialize_distributed() is False and len(calls) == 1
+    assert cluster.maybe_initialize_distributed() is False and len(calls) == 1
     monkeypatch.setenv("SLURM_NTASKS", "8")
-    assert train.maybe_initialize_distributed() is True and len(calls) == 2
+    assert cluster.maybe_initialize_distributed() is True and len(calls) == 2
 
 
 def test_loss_is_summed_accurately_whatever_the_xla_options(mnist):

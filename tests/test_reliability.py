@@ -161,9 +161,9 @@ def test_locations_and_output_only_keys_do_not_block_a_resume():
     now = {s: dict(keys) for s, keys in saved.items()}
     now["data"].update(data_dir="/elsewhere/tfds", manual_dir="/elsewhere/mnist")
     now["output"].update(num_images=3, dir="/elsewhere/run", progress=True)
-    assert rundir._first_difference(rundir._comparable(saved), rundir._comparable(now)) is None
+    assert rundir.config_difference(saved, now) is None
     now["data"]["name"] = "fashion_mnist"
-    assert rundir._first_difference(rundir._comparable(saved), rundir._comparable(now)) == \
+    assert rundir.config_difference(saved, now) == \
         "data.name: saved 'mnist', now 'fashion_mnist'"
 
 
@@ -230,9 +230,9 @@ def _cli(env, run_dir, *overrides, precheck: bool = True) -> subprocess.Complete
     into the full disk."""
     argv = [sys.executable, "-m", "cae.train", "--config", str(SMOKE)]
     if not precheck:
-        argv[1:3] = ["-c", "import sys; from cae import rundir, train; "
+        argv[1:3] = ["-c", "import sys; from cae import cli, rundir, train; "
                            "rundir.Checkpointer._check_room = lambda *a: None; "
-                           "train.exit_with(train.main(sys.argv[1:]))"]
+                           "cli.exit_with(train.main(sys.argv[1:]))"]
     for s in [f"output.dir={run_dir}", *TINY, *overrides]:
         argv += ["--set", s]
     return subprocess.run(argv, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -289,14 +289,14 @@ def test_sigterm_stops_a_run_with_one_line_and_exit_143(mnist_dirs, subprocess_e
 
 _SLOW_UNWIND = """
 import sys, time
-from cae import train
+from cae import cli
 def body():
     try:
         print("ready", flush=True)
         time.sleep(60)
     finally:
         time.sleep(float(sys.argv[1]))  # e.g. a checkpoint being finished while unwinding
-train.exit_with(train.run_command(body, "interrupted: again")[0])
+cli.exit_with(cli.run_command(body, "interrupted: again")[0])
 """
 
 

@@ -331,10 +331,10 @@ def test_resume_check_fills_keys_added_since_the_run_was_saved():
     new = config.to_dict(config.load_config(SMOKE))
     old = {s: dict(keys) for s, keys in new.items()}
     del old["train"]["dtype"]
-    assert rundir._first_difference(rundir._comparable(old), rundir._comparable(new)) is None
+    assert rundir.config_difference(old, new) is None
     changed = {s: dict(keys) for s, keys in new.items()}
     changed["train"]["dtype"] = "bfloat16"
-    assert rundir._first_difference(rundir._comparable(old), rundir._comparable(changed)) == \
+    assert rundir.config_difference(old, changed) == \
         "train.dtype: saved 'float32', now 'bfloat16'"
     new["output"]["progress"] = not new["output"]["progress"]  # free to differ
-    assert rundir._first_difference(rundir._comparable(old), rundir._comparable(new)) is None
+    assert rundir.config_difference(old, new) is None
