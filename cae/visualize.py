@@ -2,7 +2,7 @@
 
 Loads ``RUN_DIR/config.yaml``, the latest checkpoint and the data, and writes five PNGs into
 ``RUN_DIR`` (or ``--out``): ``reconstructions.png``, ``curves.png``, ``filters.png``,
-``codes_pca.png`` and ``unit_decodes.png`` (see README, *Pictures and linear probe*). Works on
+``codes_pca.png`` and ``unit_decodes.png`` (see docs/run-dir.md, *Pictures*). Works on
 finished and unfinished runs (the latest checkpoint is drawn). User mistakes (no such folder,
 not a run dir, no checkpoint, data not to be had) print one ``error:`` line and exit with 2,
 and nothing is written.

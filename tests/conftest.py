@@ -29,8 +29,6 @@ from pathlib import Path
 import pytest
 from synthetic_data import prepare_synthetic_mnist
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
 REPO = Path(__file__).resolve().parents[1]
 MANUAL_DIR = Path(os.environ.get("CAE_MANUAL_DIR") or REPO.parent / "shared" / "datasets" / "mnist")
 DATA_DIR = Path(os.environ.get("TFDS_DATA_DIR") or Path.home() / ".cache" / "cae" / "tfds")

@@ -1,5 +1,5 @@
 """Two real processes on 127.0.0.1, joined by JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
-JAX_PROCESS_ID (gloo collectives on CPU), as README *Several hosts* launches them.
+JAX_PROCESS_ID (gloo collectives on CPU), as docs/reliability.md, *Several hosts*, launches them.
 
 (a) the same numbers as one process with 2 devices, also after resuming past a damaged
 checkpoint; (b) only process 0 writes the run dir's own files; (c) run dirs that are not shared

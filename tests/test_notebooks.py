@@ -36,7 +36,6 @@ def _execute(nb, env: dict | None = None) -> float:
     client = NotebookClient(nb, kernel_name="python3", timeout=TIME_LIMIT_S,
                             resources={"metadata": {"path": str(NOTEBOOKS)}})
     env = dict(os.environ if env is None else env)
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     start = time.perf_counter()
     client.execute(env=env)
     return time.perf_counter() - start

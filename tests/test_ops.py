@@ -435,7 +435,6 @@ def test_matches_vjp_of_conv(spec, impl):
 
 @pytest.fixture(scope="module")
 def tf():
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # read at TF's import
     import tensorflow as tf  # project dependency; imported lazily (slow import)
 
     try:
