@@ -75,15 +75,15 @@ def test_epoch_batches_are_a_fresh_partition_each_epoch():
     assert len(seen) == 1000  # nobody is left out for good
 
 
-def test_train_steps_equals_the_per_step_path(mnist):
+def test_train_epoch_steps_equals_the_per_step_path(synthetic_mnist):
     """``length`` steps of the compiled scan == the same batches through ``train_step`` one by
     one (same parameters and losses up to float reassociation)."""
     cfg = config.load_config(SMOKE, ["train.batch_size=32"])
-    images = mnist.train[:32 * 6]
+    images = synthetic_mnist.train[:32 * 6]
     batches = jnp.arange(32 * 6, dtype=jnp.int32).reshape(6, 32)[::-1]  # any order
-    state = train.create_train_state(cfg, mnist.image_shape, 100)
+    state = train.create_train_state(cfg, synthetic_mnist.image_shape, 100)
     scan_state, scan_losses = train.train_epoch_steps(state, jnp.asarray(images), batches, 1, 4)
-    state = train.create_train_state(cfg, mnist.image_shape, 100)
+    state = train.create_train_state(cfg, synthetic_mnist.image_shape, 100)
     losses = []
     for row in np.asarray(batches)[1:5]:
         state, loss = train.train_step(state, images[row])
@@ -94,13 +94,13 @@ def test_train_steps_equals_the_per_step_path(mnist):
     assert int(scan_state.step) == 4
 
 
-def test_compile_fast_changes_speed_not_results(mnist):
+def test_compile_fast_changes_speed_not_results(synthetic_mnist):
     """``cpu_speed.compile_fast`` (what cae.train compiles its programs with) gives the same
     losses and parameters as XLA's default compilation."""
     cfg = config.load_config(SMOKE, ["train.batch_size=32"])
-    images = jnp.asarray(mnist.train[:32 * 4])
+    images = jnp.asarray(synthetic_mnist.train[:32 * 4])
     batches = jnp.arange(32 * 4, dtype=jnp.int32).reshape(4, 32)
-    state = train.create_train_state(cfg, mnist.image_shape, 100)
+    state = train.create_train_state(cfg, synthetic_mnist.image_shape, 100)
     lowered = train.train_epoch_steps.lower(state, images, batches, np.int32(0), 4)
     default, fast = lowered.compile(), cpu_speed.compile_fast(lowered)
     out = {}
@@ -145,12 +145,12 @@ def test_compiler_options_only_on_cpu():
 
 
 @pytest.mark.parametrize("eval_batch_size", [1000, 384, 7])
-def test_evaluate_covers_every_test_example(mnist, eval_batch_size):
+def test_evaluate_covers_every_test_example(synthetic_mnist, eval_batch_size):
     """One-call evaluation over padded, masked batches == the plain mean of per-example errors
     computed one example at a time in NumPy-land (no example dropped or double counted)."""
     cfg = config.load_config(SMOKE)
-    state = train.create_train_state(cfg, mnist.image_shape, 1)
-    test = mnist.test[:1003]  # not a multiple of any batch size above
+    state = train.create_train_state(cfg, synthetic_mnist.image_shape, 1)
+    test = synthetic_mnist.test[:1003]  # not a multiple of any batch size above
     got = train.evaluate(state, train.EvalSet(test, eval_batch_size, cluster.make_mesh()))
     x = data.normalize(test)
     recon = np.concatenate([np.asarray(train.eval_step(state, test[i:i + 500])[1])
@@ -221,13 +221,13 @@ def test_multi_host_initialisation_only_in_a_cluster(monkeypatch):
     assert cluster.maybe_initialize_distributed() is True and len(calls) == 2
 
 
-def test_loss_is_summed_accurately_whatever_the_xla_options(mnist):
+def test_loss_is_summed_accurately_whatever_the_xla_options(synthetic_mnist):
     """loss_fn's mean over 128 x 784 per-pixel terms stays within 2e-6 (relative) of the same
     mean taken in float64 from the same logits, compiled either way (one long float32 sum in
     XLA:CPU's own reduction order was 4e-5 off)."""
     cfg = config.load_config(REPO / "configs" / "mnist_tied.yaml")
-    state = train.create_train_state(cfg, mnist.image_shape, 100)
-    images = jnp.asarray(mnist.train[:128])
+    state = train.create_train_state(cfg, synthetic_mnist.image_shape, 100)
+    images = jnp.asarray(synthetic_mnist.train[:128])
     logits = np.asarray(state.apply_fn({"params": state.params}, data.normalize(images)),
                         np.float64)
     x = np.asarray(data.normalize(images), np.float64)

@@ -195,9 +195,9 @@ def _tmpfs(path: Path, *options: str):
         subprocess.run(["umount", "-l", str(path)], check=False)
 
 
-def test_output_dir_under_a_file_is_one_line_and_exit_3(capsys, mnist_dirs, tmp_path):
+def test_output_dir_under_a_file_is_one_line_and_exit_3(capsys, synthetic_mnist_dirs, tmp_path):
     (tmp_path / "file").write_text("x")
-    code, _, err = _main(capsys, mnist_dirs, tmp_path / "file" / "run")
+    code, _, err = _main(capsys, synthetic_mnist_dirs, tmp_path / "file" / "run")
     line = _one_error_line(err)
     assert code == 3 and "Not a directory" in line and str(tmp_path / "file") in line
 
@@ -301,12 +301,12 @@ cli.exit_with(cli.run_command(body, "interrupted: again")[0])
 
 
 @pytest.mark.parametrize("unwind_s", [0.0, 8.0], ids=["prompt", "slower_than_the_grace"])
-def test_sigterm_says_its_line_exactly_once_however_long_the_unwinding(subprocess_env,
+def test_sigterm_says_its_line_exactly_once_however_long_the_unwinding(synthetic_subprocess_env,
                                                                       unwind_s):
     """The CI failure of 2026-12-06: the handler ran, then unwinding took longer than the
     watchdog's 5 s grace, and the watchdog ended the process without the line."""
     proc = subprocess.Popen([sys.executable, "-c", _SLOW_UNWIND, str(unwind_s)],
-                            env=subprocess_env, cwd=REPO, stdout=subprocess.PIPE,
+                            env=synthetic_subprocess_env, cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "ready"
     t0 = time.time()

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import MANUAL_DIR, REPO, manual_dir_available
+from conftest import MANUAL_DIR, REPO, SYNTHETIC_TRAIN, manual_dir_available
 
 from cae import config, data, rundir, train
 
@@ -86,15 +86,13 @@ def test_max_train_examples_takes_a_prefix(mnist_dirs, mnist):
 
 
 def test_corrupt_manual_dir_is_rejected_by_tfds_checksums(tmp_path):
-    if not manual_dir_available():
-        pytest.skip(f"MNIST archives not found in {MANUAL_DIR}")
+    """Archives with MNIST's names but not its bytes (a truncated download, another dataset's
+    files): TFDS's registered checksums refuse them, in one line."""
     manual = tmp_path / "manual"
     manual.mkdir()
     for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
-                 "t10k-images-idx3-ubyte.gz"):
-        (manual / name).symlink_to(MANUAL_DIR / name)
-    good = (MANUAL_DIR / "t10k-labels-idx1-ubyte.gz").read_bytes()
-    (manual / "t10k-labels-idx1-ubyte.gz").write_bytes(good[:-10] + b"0123456789")
+                 "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        (manual / name).write_bytes(gzip.compress(name.encode() * 100))
     with pytest.raises(data.DataError, match=r"data\.manual_dir=.*wrong checksum") as info:
         data.load_dataset("mnist", data_dir=str(tmp_path / "tfds"), manual_dir=str(manual))
     assert "\n" not in str(info.value)
@@ -128,15 +126,15 @@ BAD_RUNS = [
     (["model.unknown=3"], r"--set model\.unknown: unknown key"),
     (["train.epochs"], r"--set 'train\.epochs': expected section\.key=value"),
     (["train.warmup_steps=3000000000"], r"train\.warmup_steps=3000000000: must be <= 2147483647"),
-    (["data.max_train_examples=70000"],
-     r"data\.max_train_examples=70000: 'mnist' has only 60000 training examples"),
+    (["data.max_train_examples=70000"],  # on the quick tier's synthetic "mnist"
+     rf"data\.max_train_examples=70000: 'mnist' has only {SYNTHETIC_TRAIN} training examples"),
 ]
 
 
 @pytest.mark.parametrize("overrides,message", BAD_RUNS, ids=lambda v: str(v)[:40])
-def test_user_mistakes_exit_2_with_one_line_and_no_run_dir(capsys, mnist_dirs, tmp_path,
+def test_user_mistakes_exit_2_with_one_line_and_no_run_dir(capsys, synthetic_mnist_dirs, tmp_path,
                                                            overrides, message):
-    code, out, err = _main(capsys, mnist_dirs, tmp_path, *overrides)
+    code, out, err = _main(capsys, synthetic_mnist_dirs, tmp_path, *overrides)
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
@@ -157,11 +155,11 @@ def test_missing_config_file_and_bad_flags(capsys, tmp_path):
     assert err.strip().count("\n") == 0 and "unrecognized arguments: --bogus" in err
 
 
-def test_foreign_output_dir_is_not_touched(capsys, mnist_dirs, tmp_path):
+def test_foreign_output_dir_is_not_touched(capsys, synthetic_mnist_dirs, tmp_path):
     foreign = tmp_path / "run"
     foreign.mkdir()
     (foreign / "thesis.tex").write_text("precious")
-    code, _, err = _main(capsys, mnist_dirs, tmp_path)
+    code, _, err = _main(capsys, synthetic_mnist_dirs, tmp_path)
     assert code == 2 and "is not a cae run directory" in err
     assert (foreign / "thesis.tex").read_text() == "precious"
     assert sorted(p.name for p in foreign.iterdir()) == ["thesis.tex"]
