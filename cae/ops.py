@@ -268,9 +268,18 @@ def _transpose_geometry(y_hw: Sequence[int], kernel_hw: Pair, strides: Pair,
     return pads, (int(op[0]), int(op[1]))
 
 
-def _check_input(a, name: str):
+def _check_operands(a, name: str, kernel, kernel_axis: int, hint: str = "") -> tuple[Pair, ...]:
+    """Validate ``a`` [N, H, W, C] against ``kernel`` [kh, kw, C_in, C_out], whose axis
+    ``kernel_axis`` must match a's channels -> the kernel's (kh, kw)."""
     if getattr(a, "ndim", None) != 4:
         raise ValueError(f"{name} must have rank 4 [N, H, W, C], got shape {jnp.shape(a)}")
+    khw = _kernel_hw(kernel)
+    if a.shape[-1] != kernel.shape[kernel_axis]:
+        axis = "C_in" if kernel_axis == 2 else "C_out"
+        mine = "C_in" if kernel_axis == 2 else "C"  # y's C is the kernel's C_out
+        raise ValueError(f"channel mismatch: {name} has {mine}={a.shape[-1]} but kernel [kh, kw, "
+                         f"C_in, C_out] has {axis}={kernel.shape[kernel_axis]}{hint}")
+    return khw
 
 
 def accumulation_type(*arrays):
@@ -302,14 +311,8 @@ def conv(x: jax.Array, kernel: jax.Array, strides=1, padding: PaddingLike = 0) -
     ``lax.conv_general_dilated`` with a custom VJP: ``conv_transpose`` for the input, a
     canonical-layout backward-filter conv for the kernel (fast inside ``lax.scan`` on CPU too).
     """
-    _check_input(x, "x")
-    khw = _kernel_hw(kernel)
+    khw = _check_operands(x, "x", kernel, 2)
     s = _strides(strides)
-    if x.shape[-1] != kernel.shape[2]:
-        raise ValueError(
-            f"channel mismatch: x has C_in={x.shape[-1]} but kernel [kh, kw, C_in, C_out] has "
-            f"C_in={kernel.shape[2]}"
-        )
     pads = resolve_padding(padding, x.shape[1:3], khw, s)
     check_kernel_fits(x.shape[1:3], khw, pads)
     if _covers_input(x.shape[1:3], khw, pads):
@@ -479,6 +482,7 @@ def _zero_insertion(y, kernel, strides, pads, op):
                                    preferred_element_type=accumulation_type(y, kernel))
     return out.astype(jnp.result_type(y, kernel))
 
+
 def _subpixel_axis_plan(k: int, s: int, lo: int, n_in: int, n_out: int):
     """Per-phase plan along one axis for the sub-pixel form.
 
@@ -595,14 +599,8 @@ def conv_transpose(y: jax.Array, kernel: jax.Array, strides=1, padding: PaddingL
     Returns x: [N, H, W, C_in] with ``H = (H' - 1) * sh - (top + bottom) + kh + op_h``.
     ``<conv(x, k), y> == <x, conv_transpose(y, k)>`` for all x, y of matching shapes.
     """
-    _check_input(y, "y")
-    khw = _kernel_hw(kernel)
+    khw = _check_operands(y, "y", kernel, 3, " (conv_transpose takes the forward conv's kernel)")
     s = _strides(strides)
-    if y.shape[-1] != kernel.shape[3]:
-        raise ValueError(
-            f"channel mismatch: y has C={y.shape[-1]} but kernel [kh, kw, C_in, C_out] has "
-            f"C_out={kernel.shape[3]} (conv_transpose takes the forward conv's kernel)"
-        )
     impl = DEFAULT_IMPL if impl is None else impl
     if not isinstance(impl, Implementation) and impl != AUTO and impl not in IMPLEMENTATIONS:
         raise ValueError(f"impl={impl!r}: allowed are {[AUTO, *sorted(IMPLEMENTATIONS)]}")
