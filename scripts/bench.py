@@ -27,7 +27,6 @@ without it, random images of MNIST's shape (the speed does not depend on the pix
 
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 import statistics
@@ -44,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from bench_ops import config_from_command_line, cpu_model
 
-from cae import cluster, cpu_speed, models, ops, train
+from cae import cli, cluster, cpu_speed, models, ops, train
 from cae import data as data_lib
 
 
@@ -141,7 +140,7 @@ def torch_trainer(torch, cfg, params, images: np.ndarray, batch: int, seed: int)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = cli.CommandLineParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=100, help="steps per method per round (100)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (3)")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")

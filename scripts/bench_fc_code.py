@@ -17,7 +17,6 @@ speed does not depend on the pixel values).
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -33,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from bench_ops import config_from_command_line, cpu_model
 
-from cae import cpu_speed, ops, train
+from cae import cli, cpu_speed, ops, train
 
 
 def compile_step(cfg, images, batches, gemm: bool):
@@ -52,7 +51,7 @@ def compile_step(cfg, images, batches, gemm: bool):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = cli.CommandLineParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=20, help="steps per timed call (20)")
     ap.add_argument("--rounds", type=int, default=7, help="timed calls per method (7)")
     args, cfg = config_from_command_line(ap, argv)

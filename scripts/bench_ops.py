@@ -67,7 +67,6 @@ Usage: ``python3 scripts/bench_ops.py [--batch 128] [--reps 30] [--impls lax,sub
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import os
@@ -87,7 +86,7 @@ import jaxlib
 import numpy as np
 from conv_transpose_variants import VARIANTS  # next to this script: the comparison-only forms
 
-from cae import cpu_speed, ops
+from cae import cli, cpu_speed, ops
 
 JAX_METHODS = ("auto", "lax", "subpixel", "subpixel_phasewise", "phase", "zero_insertion",
                "autodiff", "vjp_conv")
@@ -292,17 +291,19 @@ def paired_ratios(raw, method, reference="torch"):
 
 def config_from_command_line(ap, argv):
     """Add ``--config``/``--set`` to ``ap``, parse ``argv`` -> (args, validated Config); a bad
-    config is one ``error:`` line and exit 2."""
+    config is one ``error:`` line and exit 2 (as every ``cae`` command, :mod:`cae.cli`)."""
+    from cae import cli
     from cae import config as config_lib
 
-    ap.add_argument("--config", default="configs/mnist_tied.yaml")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    cli.add_config_flags(ap, config_help="training config whose model is timed",
+                         set_help="override a config key (repeatable)",
+                         config_default="configs/mnist_tied.yaml")
     args = ap.parse_args(argv)
-    try:
-        return args, config_lib.load_config(args.config, args.set)
-    except config_lib.ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    code, cfg = cli.run_command(lambda: config_lib.load_config(args.config, args.set),
+                                "interrupted")
+    if code:
+        raise SystemExit(code)
+    return args, cfg
 
 
 def cpu_model():
@@ -317,7 +318,7 @@ def cpu_model():
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = cli.CommandLineParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=128, help="batch of the decoder layers (128)")
     ap.add_argument("--reps", type=int, default=30, help="timed rounds per problem (30)")
     ap.add_argument("--impls", default=",".join(ALL_METHODS),
