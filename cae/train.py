@@ -597,8 +597,10 @@ def summary_line(summary: dict) -> str:
     """The figures of a summary.json in one line, each quality figure beside its baseline."""
     parts = [f"test_mse {summary['test_mse']:.5f} (untrained {summary['initial_test_mse']:.5f}"]
     if summary.get("pca_test_mse") is not None:
-        parts[0] += (f", PCA-{summary['code_size']} {summary['pca_test_mse']:.5f}: "
-                     f"{summary['mse_ratio_to_pca']:.2f}x lower than PCA)")
+        ratio = summary["mse_ratio_to_pca"]
+        verdict = (f"{ratio:.2f}x lower than PCA" if ratio >= 1 else
+                   f"{1 / ratio:.2f}x higher than PCA: worse than the linear baseline")
+        parts[0] += f", PCA-{summary['code_size']} {summary['pca_test_mse']:.5f}: {verdict})"
     else:
         parts[0] += f"; code of {summary['code_size']} numbers: no PCA baseline)"
     parts.append(f"test_psnr {summary['test_psnr']:.2f} dB")

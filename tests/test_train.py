@@ -336,3 +336,13 @@ def test_resume_check_fills_keys_added_since_the_run_was_saved():
         "train.dtype: saved 'float32', now 'bfloat16'"
     new["output"]["progress"] = not new["output"]["progress"]  # free to differ
     assert rundir.config_difference(old, new) is None
+
+
+@pytest.mark.parametrize("test_mse,pca,says", [(0.0036, 0.01521, "4.22x lower than PCA"),
+                                               (0.0018, 0.00107, "1.68x higher than PCA: worse")])
+def test_summary_line_reads_the_mse_against_pca_either_way(test_mse, pca, says):
+    summary = {"test_mse": test_mse, "initial_test_mse": 0.2, "code_size": 32,
+               "pca_test_mse": pca, "mse_ratio_to_pca": pca / test_mse, "test_psnr": 24.0,
+               "num_params": 10, "train_images_per_sec": 1.0}
+    line = train.summary_line(summary)
+    assert says in line, line
