@@ -143,7 +143,7 @@ def load_ablation_config(path: str | os.PathLike, overrides: Sequence[str] = (),
     if unknown:
         raise ConfigError(f"unknown section {unknown[0]!r}: allowed are {sorted(SECTIONS)}")
     asked = config_lib.parse_overrides(list(overrides), SECTIONS)
-    raw = config_lib.apply_overrides(raw, list(overrides), SECTIONS)
+    raw = config_lib.apply_overrides(raw, asked)
     ablation_raw = raw.pop("ablation", None)
     swept = dict(SWEPT)
     if isinstance(ablation_raw, dict) and ablation_raw.get("code_sizes") is not None:

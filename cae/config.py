@@ -357,12 +357,10 @@ def parse_overrides(overrides: list[str], sections: dict[str, type] | None = Non
     return parsed
 
 
-def apply_overrides(raw: dict, overrides: list[str], sections: dict[str, type] | None = None
-                    ) -> dict:
-    """A copy of the raw config dict with the ``--set`` strings applied (see
-    :func:`parse_overrides`)."""
+def apply_overrides(raw: dict, overrides: dict[tuple[str, str], Any]) -> dict:
+    """A copy of the raw config dict with ``overrides`` (:func:`parse_overrides`'s) applied."""
     raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
-    for (section, name), value in parse_overrides(overrides, sections).items():
+    for (section, name), value in overrides.items():
         target = raw.setdefault(section, {})
         if not isinstance(target, dict):
             raise ConfigError(f"{section}: expected a mapping of keys, got {target!r}")
@@ -372,4 +370,4 @@ def apply_overrides(raw: dict, overrides: list[str], sections: dict[str, type] |
 
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:
     """Read a YAML config, apply ``--set`` overrides, validate. Raises :class:`ConfigError`."""
-    return from_dict(apply_overrides(read_yaml_file(path), list(overrides or [])))
+    return from_dict(apply_overrides(read_yaml_file(path), parse_overrides(list(overrides or []))))

@@ -32,10 +32,8 @@ import yaml
 from cae import cli
 
 __all__ = ["RunDirError", "StorageError", "write_atomic", "config_difference", "inspect_run_dir",
-           "plan_run_dir",
-           "prepare_run_dir",
-           "Checkpointer", "RunLock", "lock_run_dir", "storage_error_message", "CONFIG_FILE",
-           "SUMMARY_FILE", "METRICS_FILE", "LOCK_FILE"]
+           "plan_run_dir", "prepare_run_dir", "Checkpointer", "RunLock", "lock_run_dir",
+           "storage_error_message", "CONFIG_FILE", "SUMMARY_FILE", "METRICS_FILE", "LOCK_FILE"]
 
 CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "summary.json"

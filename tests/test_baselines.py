@@ -106,7 +106,7 @@ def test_pca_baseline_is_cached_per_dataset_and_k(tmp_path, monkeypatch):
       "model.padding=[1,1,0]"], (1, 1, 64)),
 ])
 def test_code_shape_is_the_encoders_output(overrides, shape):
-    cfg = config.from_dict(config.apply_overrides({}, overrides))
+    cfg = config.from_dict(config.apply_overrides({}, config.parse_overrides(overrides)))
     assert train.code_shape(cfg, (28, 28, 1)) == shape
     model = train.build_model(cfg)
     x = jnp.zeros((2, 28, 28, 1))
