@@ -557,14 +557,15 @@ def save_pictures(cfg: Config, state: TrainState, ds: data_lib.Dataset, history:
         baseline=baseline))
 
 
-def linear_probe(cfg: Config, state: TrainState, ds: data_lib.Dataset, writer) -> float | None:
+def linear_probe(cfg: Config, state: TrainState, ds: data_lib.Dataset,
+                 writer=None) -> float | None:
     """Frozen codes of the train split -> logistic regression -> its test accuracy (None for a
-    dataset without labels), also to TensorBoard."""
+    dataset without labels), also to TensorBoard when given its ``writer``."""
     print(f"linear probe: logistic regression on the codes of {len(ds.train)} train images "
           "(train.linear_probe=false skips it)", flush=True)
     acc = probe.probe_dataset(build_model(cfg, ds.image_shape).apply, state.params, ds,
                               cfg.train.eval_batch_size, seed=cfg.train.seed)
-    if acc is not None:
+    if acc is not None and writer is not None:
         writer.add_scalar("test/linear_probe_acc", acc, int(state.step))
     return acc
 

@@ -20,7 +20,7 @@ try:
 except ImportError:  # running from a checkout without installing
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cae import cli, config, probe, train
+from cae import cli, config, train
 from cae.data import DataError
 
 
@@ -35,8 +35,7 @@ def main(argv=None) -> int:
         cfg = config.load_config(args.config, args.set)
         ds = train.load_data(cfg)
         state = train.create_train_state(cfg, ds.image_shape, 1)  # the run's initial parameters
-        acc = probe.probe_dataset(train.build_model(cfg, ds.image_shape).apply, state.params,
-                                  ds, cfg.train.eval_batch_size, seed=cfg.train.seed)
+        acc = train.linear_probe(cfg, state, ds)
         if acc is None:
             raise DataError(f"{ds.name} has no labels: no linear probe")
         return cfg, ds, acc
