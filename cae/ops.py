@@ -69,11 +69,14 @@ co]``, i.e. ``y = flatten(x) @ W`` with ``W = K.reshape(kh*kw*C_in, C_out)``, an
 ``x = (y @ W^T).reshape(N, kh, kw, C_in)`` (``output_padding`` must be 0: it would add rows no
 tap reaches). ``conv`` and ``conv_transpose(impl="auto")`` run that geometry as one GEMM, which
 XLA:CPU runs about twice as fast as the same product written as a convolution (BENCHMARKS.md,
-"Fast training on CPU").
+"Fast training on CPU"). ``with gemm_for_covering_kernels(False):`` traces that geometry as a
+convolution instead (the same numbers; for benchmarks and tests that compare the two paths).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
@@ -101,6 +104,7 @@ __all__ = [
     "AUTO",
     "DEFAULT_IMPL",
     "choose_impl",
+    "gemm_for_covering_kernels",
 ]
 
 Pair = tuple[int, int]
@@ -320,10 +324,28 @@ def conv(x: jax.Array, kernel: jax.Array, strides=1, padding: PaddingLike = 0) -
     return _conv(x, kernel, s, pads)
 
 
+_GEMM_FOR_COVERING = contextvars.ContextVar("cae_ops_gemm_for_covering", default=True)
+
+
+@contextlib.contextmanager
+def gemm_for_covering_kernels(enabled: bool):
+    """Within the block, ``conv`` and ``conv_transpose(impl="auto")`` run a kernel that covers
+    its unpadded input as one GEMM (``enabled``, the default outside any block) or as the
+    convolution it also is (False). Read at trace time: a function jitted inside the block keeps
+    the path it was traced with. The numbers are the same either way (module docstring)."""
+    token = _GEMM_FOR_COVERING.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _GEMM_FOR_COVERING.reset(token)
+
+
 def _covers_input(in_hw: Sequence[int], kernel_hw: Sequence[int],
                   pads: tuple[Pair, Pair]) -> bool:
-    """True when a conv with this geometry is a fully connected layer (module docstring)."""
-    return tuple(in_hw) == tuple(kernel_hw) and all(p == (0, 0) for p in pads)
+    """True when a conv with this geometry is a fully connected layer (module docstring) and
+    the GEMM path is on (:func:`gemm_for_covering_kernels`)."""
+    return (_GEMM_FOR_COVERING.get() and tuple(in_hw) == tuple(kernel_hw)
+            and all(p == (0, 0) for p in pads))
 
 
 def _dense_conv(x, kernel):

@@ -5,7 +5,7 @@ A conv whose kernel covers its whole input (``model.code_size``'s layer) is a ma
 ``cae.ops`` runs it (and its transpose, and both gradients) as GEMMs. This A/B measures what
 that buys in ``cae.train``'s own program (``train.train_epoch_steps`` compiled with
 ``cpu_speed.compile_fast``), in one process: ``gemm`` is the shipped path, ``conv`` the same model
-with the GEMM path switched off (``ops._covers_input`` forced to False, so the layer goes to
+with the GEMM path switched off (``ops.gemm_for_covering_kernels(False)``, so the layer goes to
 ``lax.conv_general_dilated`` and ``choose_impl``'s transposed conv). Rounds alternate the two,
 each timed call after an untimed one of the same program; the figure is the median ms/step and
 the conv / gemm ratio paired by round (median [min-max]).
@@ -38,15 +38,10 @@ from cae import cli, cpu_speed, ops, train
 def compile_step(cfg, images, batches, gemm: bool):
     """(program, initial state) of ``len(batches)`` training steps, with or without the GEMM
     path for a conv that covers its input."""
-    real = ops._covers_input
-    if not gemm:
-        ops._covers_input = lambda *args: False  # traced now: the program keeps the conv path
-    try:
+    with ops.gemm_for_covering_kernels(gemm):  # traced now: the program keeps the path
         state = train.create_train_state(cfg, images.shape[1:], 1000)
         lowered = train.train_epoch_steps.lower(state, images, batches, np.int32(0), len(batches))
         program = cpu_speed.compile_fast(lowered)
-    finally:
-        ops._covers_input = real
     return program, state
 
 
