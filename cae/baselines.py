@@ -25,6 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
+from cae import probe as probe_lib
+from cae.files import write_atomic
+
 __all__ = ["PCA", "fit_pca", "reconstruction_mse", "codes", "PCABaseline", "pca_baseline",
            "dataset_fingerprint", "cache_dir"]
 
@@ -127,8 +130,6 @@ class PCABaseline:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    from cae.rundir import write_atomic
-
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, data)
 
@@ -159,8 +160,6 @@ def pca_baseline(ds, k: int, *, probe: bool = False, folder: str | os.PathLike |
     Cached in ``folder`` (default ``cache_dir()/baselines/<fingerprint of ds>``): the basis
     (``pca.npz``) and one JSON per k and probe setting.
     """
-    from cae import probe as probe_lib
-
     k = int(k)
     d = int(np.prod(ds.image_shape))
     if not 1 <= k <= d:

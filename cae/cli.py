@@ -1,25 +1,36 @@
-"""What every command-line entry point shares: flag parsing, errors as one line, exit codes.
+"""What every command-line entry point shares: flag parsing, errors as one line, exit codes,
+and ending promptly on Ctrl-C or SIGTERM.
 
-Exit codes (README, *Reliability*): a user mistake (config, data, run dir, RUN_DIR) 2; the
-storage failing (disk full, read-only, not a directory) 3; a diverged run 1; Ctrl-C 130; SIGTERM
-143. A user-facing exception class says its own code in ``exit_code`` (``ConfigError``,
-``DataError``, ``RunDirError``, ``StorageError``, ``TrainingDiverged``, ``VisualizeError``);
-:func:`run_command` turns it into one ``error:`` line on stderr and that code, never a traceback.
+Exit codes are :mod:`cae.errors`'s (README, *Reliability*). A user-facing exception class says
+its own code in ``exit_code`` (``ConfigError``, ``DataError``, ``RunDirError``,
+``StorageError``, ``TrainingDiverged``, ``VisualizeError``); :func:`run_command` turns it into
+one ``error:`` line on stderr and that code, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["CommandLineParser", "run_command", "exit_with", "add_config_flags", "EXIT_DIVERGED",
-           "EXIT_USER", "EXIT_STORAGE", "EXIT_INTERRUPTED", "EXIT_TERMINATED"]
+from cae.errors import (
+    EXIT_DIVERGED,
+    EXIT_INTERRUPTED,
+    EXIT_STORAGE,
+    EXIT_TERMINATED,
+    EXIT_USER,
+    storage_error_message,
+)
 
-EXIT_DIVERGED, EXIT_USER, EXIT_STORAGE = 1, 2, 3
-EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143  # 128 + SIGINT, 128 + SIGTERM, as shells report
+__all__ = ["CommandLineParser", "run_command", "exit_with", "add_config_flags", "Terminated",
+           "terminate_promptly", "say_once", "EXIT_DIVERGED", "EXIT_USER", "EXIT_STORAGE",
+           "EXIT_INTERRUPTED", "EXIT_TERMINATED"]
 
 
 class CommandLineParser(argparse.ArgumentParser):
@@ -43,9 +54,7 @@ def _error_code(e: BaseException) -> tuple[int, str] | None:
     if code is not None:
         return code, str(e)
     if isinstance(e, OSError):
-        from cae import rundir
-
-        return EXIT_STORAGE, rundir.storage_error_message(e)
+        return EXIT_STORAGE, storage_error_message(e)
     return None
 
 
@@ -56,16 +65,14 @@ def run_command(body: Callable[[], Any], interrupted: str) -> tuple[int, Any]:
     and SIGTERM print ``interrupted`` (a hint how to go on). Other exceptions are bugs and
     propagate with their traceback.
     """
-    from cae import cluster
-
     try:
-        with cluster.terminate_promptly(interrupted):
+        with terminate_promptly(interrupted):
             return 0, body()
     except KeyboardInterrupt:
         print(interrupted, file=sys.stderr)
         return EXIT_INTERRUPTED, None
-    except cluster.Terminated:
-        cluster.say_once(interrupted)  # the SIGTERM watchdog may have said it already
+    except Terminated:
+        say_once(interrupted)  # the SIGTERM watchdog may have said it already
         return EXIT_TERMINATED, None
     except Exception as e:
         known = _error_code(e)
@@ -87,3 +94,65 @@ def exit_with(code: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+# ----------------------------------------------------------------------------------------------
+# Ending promptly: SIGTERM raises in the main thread, and a watchdog ends a process stuck in C++
+# ----------------------------------------------------------------------------------------------
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (e.g. from Slurm or ``timeout``); like KeyboardInterrupt, not an error."""
+
+
+_said = threading.Lock()  # the interruption's line is printed once, by whichever thread is first
+
+
+def say_once(message: str) -> None:
+    """Print ``message`` on stderr unless it was printed already (main thread or watchdog)."""
+    if _said.acquire(blocking=False):
+        print(message, file=sys.stderr, flush=True)
+
+
+def _hard_exit_after(read_fd: int, grace_s: float, message: str) -> None:
+    """Watchdog thread: once SIGTERM's byte comes through the wakeup fd, give the main thread
+    ``grace_s`` to end; if it is stuck in a C++ wait (a collective whose peer is gone) it never
+    gets to the Python handler, or its exit waits for a peer (jax.distributed's shutdown) or
+    for a checkpoint being written, so end the process from here, saying ``message`` if the
+    main thread has not."""
+    with os.fdopen(read_fd, "rb", buffering=0) as pipe:
+        while data := pipe.read(64):
+            if signal.SIGTERM in data:
+                time.sleep(grace_s)
+                say_once(message)
+                sys.stderr.flush()
+                os._exit(128 + signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def terminate_promptly(message: str, grace_s: float = 5.0):
+    """Within the block, SIGTERM raises :class:`Terminated` in the main thread, and ends the
+    process (exit 143, ``message``) after ``grace_s`` if the main thread cannot take it.
+
+    Needed because ``jax.distributed`` installs its own SIGTERM handler (preemption notices)
+    that leaves the process running. Outside the main thread: no-op.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+
+    def raise_terminated(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    old_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    old_handler = signal.signal(signal.SIGTERM, raise_terminated)
+    threading.Thread(target=_hard_exit_after, args=(read_fd, grace_s, message),
+                     daemon=True, name="cae-sigterm-watchdog").start()
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old_handler)
+        signal.set_wakeup_fd(old_fd)
+        os.close(write_fd)  # the watchdog reads end-of-file and ends

@@ -17,23 +17,19 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from cae import cli, models, ops
+from cae import models, ops
+from cae.errors import ConfigError
 
 __all__ = [
-    "Config", "DataConfig", "ModelConfig", "TrainConfig", "OutputConfig", "ConfigError",
+    "Config", "DataConfig", "ModelConfig", "TrainConfig", "OutputConfig", "AblationConfig",
+    "ConfigError",
     "load_config", "apply_overrides", "parse_overrides", "from_dict", "to_dict", "to_yaml",
-    "per_layer", "SECTIONS",
+    "per_layer", "read_yaml_file", "SECTIONS",
 ]
 
 # Allowed names, read from where they are defined (the Literal types below list them).
 _ACTIVATIONS = tuple(models.ACTIVATIONS)
 _IMPLS = (ops.AUTO, *ops.IMPLEMENTATIONS)
-
-
-class ConfigError(ValueError):
-    """A user mistake in a config file or override; its message is one line."""
-
-    exit_code = cli.EXIT_USER
 
 
 @dataclasses.dataclass
@@ -99,6 +95,14 @@ class Config:
 
 
 SECTIONS: dict[str, type] = typing.get_type_hints(Config)  # {"data": DataConfig, ...}
+
+
+@dataclasses.dataclass
+class AblationConfig:
+    seeds: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2])
+    # Rate-distortion: every size is trained tied and untied for every seed (model.code_size: a
+    # fully connected code of that many numbers). null: the base config's code only.
+    code_sizes: list[int] | None = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -228,6 +232,13 @@ def per_layer(value, n: int, key: str) -> list:
     return [value] * n
 
 
+def _layer_values(value, n: int, key: str):
+    """(dotted key, value) for each of the n layers: ``key[i]`` where ``value`` is a list (the
+    error names the entry), ``key`` where one value serves every layer."""
+    for i, v in enumerate(per_layer(value, n, key)):
+        yield (f"{key}[{i}]" if isinstance(value, list) else key), v
+
+
 def _require(ok: bool, key: str, value, allowed: str):
     if not ok:
         raise ConfigError(f"{key}={value!r}: {allowed}")
@@ -275,19 +286,13 @@ def validate(cfg: Config) -> None:
              "must be >= 1 (numbers per image in the fully connected code) or null (no such "
              "layer: the code is the last conv's output map)")
     n = len(m.features)
-    for i, k in enumerate(per_layer(m.kernel_size, n, "model.kernel_size")):
-        _require(k >= 1, f"model.kernel_size[{i}]" if isinstance(m.kernel_size, list)
-                 else "model.kernel_size", k, "must be >= 1")
-    for i, s in enumerate(per_layer(m.strides, n, "model.strides")):
-        _require(s >= 1, f"model.strides[{i}]" if isinstance(m.strides, list)
-                 else "model.strides", s, "must be >= 1")
-    for i, p in enumerate(per_layer(m.padding, n, "model.padding")):
-        key = f"model.padding[{i}]" if isinstance(m.padding, list) else "model.padding"
-        if isinstance(p, str):
-            _require(p.upper() in ("SAME", "VALID"), key, p, "allowed are an int >= 0, "
-                     "'SAME' or 'VALID'")
-        else:
-            _require(p >= 0, key, p, "allowed are an int >= 0, 'SAME' or 'VALID'")
+    for key, k in _layer_values(m.kernel_size, n, "model.kernel_size"):
+        _require(k >= 1, key, k, "must be >= 1")
+    for key, s in _layer_values(m.strides, n, "model.strides"):
+        _require(s >= 1, key, s, "must be >= 1")
+    for key, p in _layer_values(m.padding, n, "model.padding"):
+        ok = p.upper() in ("SAME", "VALID") if isinstance(p, str) else p >= 0
+        _require(ok, key, p, "allowed are an int >= 0, 'SAME' or 'VALID'")
     _require(t.epochs >= 1, "train.epochs", t.epochs, "must be >= 1")
     _require(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1")
     _require(t.eval_batch_size >= 1, "train.eval_batch_size", t.eval_batch_size, "must be >= 1")
@@ -306,23 +311,27 @@ def validate(cfg: Config) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def read_yaml_file(path: str | os.PathLike) -> dict:
+def read_yaml_file(path: str | os.PathLike, label: str | None = None) -> dict:
+    """A config file's sections as a plain dict ({} for an empty file). Raises ConfigError
+    naming the file as ``label`` (default ``--config PATH``): the one reader of config YAML,
+    for --config files and the config.yaml a run dir saves alike."""
+    label = f"--config {path}" if label is None else label
     try:
         with open(path, encoding="utf-8") as f:
             raw = yaml.safe_load(f)
     except FileNotFoundError:
-        raise ConfigError(f"--config {path}: file not found") from None
+        raise ConfigError(f"{label}: file not found") from None
     except IsADirectoryError:
-        raise ConfigError(f"--config {path}: is a directory, expected a YAML file") from None
+        raise ConfigError(f"{label}: is a directory, expected a YAML file") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         problem = getattr(e, "problem", None) or "invalid YAML"
-        raise ConfigError(f"--config {path}: malformed YAML{where}: {problem}") from None
+        raise ConfigError(f"{label}: malformed YAML{where}: {problem}") from None
     except OSError as e:
-        raise ConfigError(f"--config {path}: cannot read: {e.strerror}") from None
+        raise ConfigError(f"{label}: cannot read: {e.strerror}") from None
     if raw is not None and not isinstance(raw, dict):
-        raise ConfigError(f"--config {path}: expected a mapping of sections (data, model, ...)")
+        raise ConfigError(f"{label}: expected a mapping of sections (data, model, ...)")
     return raw or {}
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from cae import cli
+from cae.errors import EXIT_USER, first_line
 
 __all__ = ["Dataset", "DataError", "load_dataset", "import_tfds", "normalize",
            "prepared_datasets", "same_data", "main"]
@@ -35,7 +36,7 @@ MANUAL_DIR_ENV = "CAE_MANUAL_DIR"
 class DataError(RuntimeError):
     """The requested data cannot be had; the message is one line saying what to provide."""
 
-    exit_code = cli.EXIT_USER
+    exit_code = EXIT_USER
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +116,7 @@ def _builder(tfds, name: str, data_dir: str | None):
             "'mnist', 'fashion_mnist', 'kmnist', 'emnist/letters', 'cifar10'"
         ) from None
     except Exception as e:  # e.g. an unknown config in "emnist/xyz"
-        raise DataError(f"data.name={name!r}: {str(e).splitlines()[0]}") from None
+        raise DataError(f"data.name={name!r}: {first_line(e)}") from None
 
 
 def _image_key(builder, name: str) -> str:
@@ -193,7 +194,7 @@ def _prepare(tfds, builder, name: str, manual_dir: str | None) -> None:
         try:
             builder.download_and_prepare(download_config=config)
         except Exception as e:
-            said = str(e).strip().splitlines()[0][:400] if str(e).strip() else type(e).__name__
+            said = first_line(e, limit=400)
             if manual_dir:
                 raise DataError(
                     f"data.manual_dir={manual_dir!r}: TFDS could not prepare {name!r} from it "

@@ -19,10 +19,11 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from cae.rundir import write_atomic
+from cae.files import write_atomic
 
-__all__ = ["reconstruction_figure", "save_reconstructions", "save_figure", "curves_figure",
-           "filters_figure", "pca_2d", "codes_figure", "unit_decodes_figure"]
+__all__ = ["reconstruction_figure", "save_figure", "curves_figure",
+           "filters_figure", "pca_2d", "codes_figure", "unit_decodes_figure",
+           "ablation_figure", "rate_distortion_figure"]
 
 
 def save_figure(path: str | os.PathLike, fig: Figure, dpi: int = 100) -> None:
@@ -70,12 +71,6 @@ def reconstruction_figure(originals: np.ndarray, reconstructions: np.ndarray,
     if title:
         fig.suptitle(title)
     return fig
-
-
-def save_reconstructions(path: str | os.PathLike, originals: np.ndarray,
-                         reconstructions: np.ndarray, title: str | None = None) -> None:
-    """Render :func:`reconstruction_figure` to PNG in memory, then write ``path`` atomically."""
-    save_figure(path, reconstruction_figure(originals, reconstructions, title))
 
 
 def curves_figure(history: Sequence[dict], loss_name: str = "train loss",
@@ -241,8 +236,6 @@ def unit_decodes_figure(images: np.ndarray, title: str | None = None,
 # Tied vs untied ablation (cae.ablate)
 # ----------------------------------------------------------------------------------------------
 
-__all__ += ["ablation_figure", "save_ablation"]
-
 
 def _mean_with_band(ax, x: np.ndarray, values: np.ndarray, color: str, label: str,
                     band_label: str | None = None) -> None:
@@ -298,19 +291,6 @@ def ablation_figure(epochs: np.ndarray, curves: dict[str, np.ndarray],
     if title:
         fig.suptitle(title)
     return fig
-
-
-def save_ablation(path: str | os.PathLike, epochs: np.ndarray, curves: dict[str, np.ndarray],
-                  final_mse: dict[str, np.ndarray], num_params: dict[str, np.ndarray],
-                  title: str | None = None) -> None:
-    """:func:`ablation_figure` rendered to PNG in memory, then written to ``path`` atomically."""
-    buf = io.BytesIO()
-    ablation_figure(epochs, curves, final_mse, num_params, title).savefig(buf, format="png",
-                                                                          dpi=100)
-    write_atomic(path, buf.getvalue())
-
-
-__all__ += ["rate_distortion_figure"]
 
 
 def rate_distortion_figure(code_sizes: np.ndarray, final_mse: dict[str, np.ndarray],

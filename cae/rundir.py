@@ -1,109 +1,48 @@
-"""A run directory's life cycle: fresh / resume / finished, atomic files, orbax checkpoints.
+"""A run directory's life cycle: fresh / resume / finished, its lock, and opening it for a job
+of one or several processes.
 
 A run dir is *complete* iff it holds ``summary.json``, which is written last and atomically.
-An unfinished run (``config.yaml`` plus at least one committed checkpoint) is resumed by running
-the same command again; orbax commits each checkpoint atomically (temp dir + rename), so a
-process killed mid-save leaves the previous checkpoint as the latest one. A checkpoint that
-cannot be restored is set aside into ``checkpoints_damaged/`` and the one before it is used.
-A run holds ``.cae.lock`` (``flock``) for its life, so two runs never share a run dir.
+An unfinished run (``config.yaml`` plus at least one committed checkpoint, ``cae.checkpoints``)
+is resumed by running the same command again. A run holds ``.cae.lock`` (``flock``) for its
+life, so two runs never share a run dir.
+
+Opening takes the job's ``agree`` and ``primary`` as arguments (``cae.cluster.all_outcomes`` and
+``is_primary`` in a multi-process job; :func:`cae.checkpoints.alone` and True for one process),
+as the checkpointer does: this module knows files, not devices.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
-import gc
-import itertools
-import json
-import logging
 import os
+import secrets
 import shutil
 import socket
-import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
-from cae import cli
+from cae.checkpoints import CHECKPOINT_DIR, Agree, alone, committed_epochs
+from cae.config import Config, read_yaml_file, to_dict
+from cae.errors import ConfigError, RunDirError, StorageError, storage_error_message
+from cae.files import write_atomic
 
-__all__ = ["RunDirError", "StorageError", "write_atomic", "config_difference", "inspect_run_dir",
-           "plan_run_dir", "prepare_run_dir", "Checkpointer", "RunLock", "lock_run_dir",
-           "storage_error_message", "CONFIG_FILE", "SUMMARY_FILE", "METRICS_FILE", "LOCK_FILE"]
+__all__ = ["RunDirError", "StorageError", "config_difference", "inspect_run_dir",
+           "plan_run_dir", "prepare_run_dir", "open_run_dir", "read_saved_config", "RunLock",
+           "lock_run_dir", "CONFIG_FILE", "SUMMARY_FILE", "METRICS_FILE", "LOCK_FILE",
+           "CHECKPOINT_DIR"]
 
+T = TypeVar("T")
 CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "summary.json"
 METRICS_FILE = "metrics.jsonl"
-CHECKPOINT_DIR = "checkpoints"
-DAMAGED_DIR = "checkpoints_damaged"  # outside CHECKPOINT_DIR: orbax never looks at it again
 LOCK_FILE = ".cae.lock"  # flock-ed for the run's life; says who holds it
 SHARED_CHECK_FILE = ".cae-shared-check"  # multi-process: proves every process sees the run dir
 _BOOKKEEPING = {LOCK_FILE, SHARED_CHECK_FILE}  # not content: a dir with only these is empty
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-class RunDirError(RuntimeError):
-    """output.dir cannot be used as asked; the message is one line saying why and what to do."""
-
-    exit_code = cli.EXIT_USER
-
-
-class StorageError(RuntimeError):
-    """Reading or writing the run's files failed (disk full, read-only, ...); one line."""
-
-    exit_code = cli.EXIT_STORAGE
-
-
-# Errors of the storage, not of our code: the message names the path and the system's reason.
-_STORAGE_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT,
-                   errno.EFBIG, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENOENT,
-                   errno.EIO, errno.ENAMETOOLONG)
-
-
-def first_line(e: BaseException, limit: int = 300) -> str:
-    """An exception's first line of text (or its type's name when it has none)."""
-    text = str(e).strip()
-    return text.splitlines()[0][:limit] if text else type(e).__name__
-
-
-def storage_error_message(e: BaseException) -> str | None:
-    """One line for an error of the file system (ours, orbax's or TensorStore's), else None."""
-    if isinstance(e, OSError):
-        where = f"{e.filename}: " if e.filename else ""
-        return f"{where}{e.strerror or e}"
-    text = str(e)
-    for code in _STORAGE_ERRNOS:
-        reason = os.strerror(code)
-        if reason in text:  # TensorStore / orbax wrap the OSError's text in their own
-            return f"{reason} ({first_line(e)})"
-    return None
-
-
-def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
-    """Write to a temp file in the same folder, fsync, then rename over ``path``."""
-    path = Path(path)
-    mode = "wb" if isinstance(data, bytes) else "w"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it 0600; give it a normal file's mode
-        os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        if e.filename is None:  # a failed write() names no file; the error should
-            raise OSError(e.errno, e.strerror, str(path)) from None
-        raise
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
@@ -125,8 +64,6 @@ _RESUME_FREE = {("output", "overwrite"), ("output", "progress"), ("output", "dir
 def _comparable(cfg: dict) -> dict:
     """The keys that must match to resume. Keys missing from a saved config (written before the
     key existed) count as their default value, so adding a config key does not orphan old runs."""
-    from cae.config import Config, to_dict
-
     merged = {s: {**keys, **(cfg.get(s) or {})} for s, keys in to_dict(Config()).items()}
     merged.update({s: v for s, v in cfg.items() if s not in merged})
     return {s: {k: v for k, v in keys.items() if (s, k) not in _RESUME_FREE}
@@ -155,18 +92,26 @@ def inspect_run_dir(run_dir: str | os.PathLike, resolved: dict) -> tuple[str, st
         return "not_a_dir", None
     if not run_dir.is_dir() or not _contents(run_dir):
         return "new", None
-    try:
-        saved = yaml.safe_load((run_dir / CONFIG_FILE).read_text())
-    except (OSError, yaml.YAMLError):
-        saved = None
-    diff = (f"no readable {CONFIG_FILE}" if not isinstance(saved, dict)
+    saved = read_saved_config(run_dir)
+    diff = (f"no readable {CONFIG_FILE}" if saved is None
             else config_difference(saved, resolved))
     if (run_dir / SUMMARY_FILE).exists():
         return "finished", diff
     if not (run_dir / CONFIG_FILE).exists():
         return "foreign", None
-    has_checkpoint = Checkpointer(run_dir).latest_epoch() is not None
-    return ("unfinished" if has_checkpoint else "unstarted"), diff
+    return ("unfinished" if committed_epochs(run_dir) else "unstarted"), diff
+
+
+def read_saved_config(run_dir: str | os.PathLike, strict: bool = False) -> dict | None:
+    """``run_dir/config.yaml`` as a plain dict; None where it is missing or not a YAML mapping,
+    or with ``strict`` a ConfigError naming the file (the one reader of a saved config)."""
+    path = Path(run_dir) / CONFIG_FILE
+    try:
+        return read_yaml_file(path, label=str(path)) or None  # an empty one holds no config
+    except ConfigError:
+        if strict:
+            raise
+        return None
 
 
 def _contents(run_dir: Path) -> list[Path]:
@@ -250,22 +195,99 @@ def prepare_run_dir(run_dir: str | os.PathLike, resolved: dict, overwrite: bool)
     return False
 
 
-@contextlib.contextmanager
-def quiet_background_failures():
-    """While orbax saves or restores: its threads log each failure (with a traceback) before
-    the call raises it in this thread, where it becomes our one line. Keep the one line."""
-    absl_logger = logging.getLogger("absl")
-    level, hook = absl_logger.level, sys.unraisablehook
-    absl_logger.setLevel(logging.CRITICAL)
-    sys.unraisablehook = lambda unraisable: None  # TensorStore's callbacks report through it
+# ----------------------------------------------------------------------------------------------
+# Opening a run dir for a job of one or several processes
+# ----------------------------------------------------------------------------------------------
+
+
+def _attempt(fn: Callable[[], T]) -> tuple[T | None, str]:
+    """(fn(), "") or (None, the one-line reason of a user or storage error)."""
     try:
-        yield
+        return fn(), ""
+    except (RunDirError, StorageError) as e:
+        return None, str(e)
+    except OSError as e:
+        return None, storage_error_message(e)
+
+
+def _agree_or_raise(agree: Agree, outcome: str, step: str, timeout_s: float = 120.0
+                    ) -> list[str]:
+    """Share ``outcome`` (``"error:..."``: this process failed); if any process failed, every
+    process raises the first failure (naming the process) as a RunDirError."""
+    outcomes = agree(outcome, step, timeout_s)
+    for process, failure in enumerate(outcomes):
+        if failure.startswith("error:"):
+            who = f"process {process}: " if len(outcomes) > 1 else ""
+            raise RunDirError(who + failure.removeprefix("error:"))
+    return outcomes
+
+
+def _check_shared(run_dir: Path, created: bool, lock: RunLock | None, agree: Agree,
+                  primary: bool) -> None:
+    """Process 0 writes a nonce into the run dir; every process must read it back there."""
+    token = run_dir / SHARED_CHECK_FILE
+    nonce, failure = secrets.token_hex(16), ""
+    if primary:
+        _, failure = _attempt(lambda: write_atomic(token, nonce))
+    nonce = _agree_or_raise(agree, "error:" + failure if failure else nonce,
+                            "the shared run dir check")[0]
+    try:
+        seen = token.read_text() == nonce
+    except OSError:
+        seen = False
+    outcomes = agree("" if seen else socket.gethostname(), "the shared run dir check", 120.0)
+    if primary:
+        token.unlink(missing_ok=True)
+    blind = [(p, host) for p, host in enumerate(outcomes) if host]
+    if blind:
+        if primary:
+            lock.release()
+            if created:  # leave no empty run dir behind on process 0's storage either
+                (run_dir / LOCK_FILE).unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    run_dir.rmdir()
+        process, host = blind[0]
+        raise RunDirError(
+            f"output.dir={str(run_dir)!r} must be on storage all processes share: process "
+            f"{process} (host {host}) does not see the file process 0 wrote there; put "
+            "output.dir on a shared file system (checkpoints are written by all processes)")
+
+
+def open_run_dir(run_dir: str | os.PathLike, resolved: dict, overwrite: bool, *,
+                 agree: Agree = alone, primary: bool = True, several: bool = False
+                 ) -> tuple[bool, RunLock | None]:
+    """Lock and prepare ``run_dir`` for this job -> (resume?, the lock: the primary's, else None).
+
+    One process (``several`` False): lock, then :func:`prepare_run_dir`. Several: the
+    ``primary`` takes the lock (another job using the dir is refused; the processes of this job
+    share it), every process proves it sees the dir (a token the primary writes there), the
+    primary prepares it, and every process learns each outcome through ``agree``. Raises
+    RunDirError / StorageError / OSError, on every process, before anything is trained.
+    """
+    run_dir = Path(run_dir)
+    if not several:
+        lock = lock_run_dir(run_dir)
+        try:
+            return prepare_run_dir(run_dir, resolved, overwrite), lock
+        except BaseException:
+            lock.release()
+            raise
+    lock, failure, created = None, "", not run_dir.exists()
+    if primary:
+        lock, failure = _attempt(lambda: lock_run_dir(run_dir))
+    # Generous: the processes get here after loading the data, which one may prepare first.
+    _agree_or_raise(agree, failure and "error:" + failure, "locking the run dir", timeout_s=600)
+    _check_shared(run_dir, created, lock, agree, primary)
+    resume, failure = (_attempt(lambda: prepare_run_dir(run_dir, resolved, overwrite))
+                       if primary else (None, ""))
+    try:
+        outcomes = _agree_or_raise(agree, "error:" + failure if failure else str(int(bool(resume))),
+                                   "preparing the run dir")
     except BaseException:
-        gc.collect()  # abandoned reads and writes report when collected: quietly, now
+        if lock is not None:
+            lock.release()
         raise
-    finally:
-        absl_logger.setLevel(level)
-        sys.unraisablehook = hook
+    return outcomes[0] == "1", lock
 
 
 class RunLock:
@@ -280,7 +302,7 @@ class RunLock:
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         self.path = run_dir / LOCK_FILE
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)  # less the umask
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -302,156 +324,3 @@ class RunLock:
     __del__ = release  # a run that raised before releasing it: dropped with the object
 
 
-class Checkpointer:
-    """Orbax checkpoints of ``{"state": pytree, "history": json}`` keyed by epoch number."""
-
-    def __init__(self, run_dir: str | os.PathLike, max_to_keep: int = 3,
-                 agree: Callable[[str], list[str]] = lambda outcome: [outcome],
-                 primary: bool = True):
-        """In a multi-process job every process makes one; ``agree`` shares each process's
-        outcome of a step with all (see ``cluster.all_outcomes``), so that they all take the
-        same branch; only the ``primary`` moves folders."""
-        self.directory = Path(run_dir).absolute() / CHECKPOINT_DIR
-        self.max_to_keep = max_to_keep
-        self._agree, self._primary = agree, primary
-        self._manager = None
-
-    @property
-    def manager(self):
-        if self._manager is None:
-            import orbax.checkpoint as ocp
-
-            # cleanup_tmp_directories: a save cut short (kill -9, disk full) leaves a temp dir.
-            self._manager = ocp.CheckpointManager(
-                self.directory,
-                options=ocp.CheckpointManagerOptions(max_to_keep=self.max_to_keep, create=True,
-                                                     cleanup_tmp_directories=True),
-                item_names=("state", "history"),
-            )
-        return self._manager
-
-    def epochs(self) -> list[int]:
-        """The committed checkpoints' epochs, oldest first. Reads the folder only (no orbax
-        manager, which in a multi-process job would wait for the other processes)."""
-        import orbax.checkpoint as ocp
-
-        if not self.directory.is_dir():
-            return []
-        return sorted(ocp.path.step.checkpoint_steps(self.directory))
-
-    def latest_epoch(self) -> int | None:
-        epochs = self.epochs()
-        return epochs[-1] if epochs else None
-
-    def set_aside(self, epoch: int) -> Path:
-        """Move checkpoint ``epoch`` out of orbax's sight into ``checkpoints_damaged/`` (kept,
-        not deleted: it is the user's data); returns where it went."""
-        damaged = self.directory.parent / DAMAGED_DIR
-        damaged.mkdir(exist_ok=True)
-        stamp = time.strftime('%Y%m%d-%H%M%S')
-        target = damaged / f"{epoch}-{stamp}"
-        for n in itertools.count(1):  # the same epoch set aside twice within a second
-            if not target.exists():
-                break
-            target = damaged / f"{epoch}-{stamp}-{n}"
-        os.replace(self.directory / str(epoch), target)
-        return target
-
-    def save(self, epoch: int, state: Any, history: list[dict]) -> None:
-        """Save and wait until committed: after this returns, a SIGKILL cannot lose it."""
-        import orbax.checkpoint as ocp
-
-        try:
-            self._check_room(epoch, state)
-            too_full = ""
-        except StorageError as e:
-            too_full = str(e)
-        failures = [f for f in self._agree(too_full) if f]  # all save, or none does
-        if failures:
-            raise StorageError(failures[0])
-        with quiet_background_failures():
-            try:
-                self.manager.save(epoch, args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(state),
-                    history=ocp.args.JsonSave({"metrics": history}),
-                ))
-                self.manager.wait_until_finished()
-            except Exception as e:
-                reason = storage_error_message(e)
-                if reason is None:
-                    raise
-                time.sleep(1.0)  # let the other writer threads fail quietly, too
-                raise StorageError(f"saving the checkpoint of epoch {epoch} in "
-                                   f"{self.directory} failed: {reason}") from None
-
-    def _check_room(self, epoch: int, state: Any) -> None:
-        """Refuse to start a save that cannot fit (twice the arrays' bytes, or the last
-        checkpoint's size, plus 1 MiB of metadata): orbax's many writer threads would each
-        report the full disk at length before the error reaches us."""
-        import jax
-
-        arrays = sum(getattr(x, "nbytes", 0) for x in jax.tree.leaves(state))
-        latest = self.latest_epoch()
-        last = (sum(p.stat().st_size for p in (self.directory / str(latest)).rglob("*")
-                    if p.is_file()) if latest is not None else 0)
-        need = max(2 * arrays, last) + 2**20
-        where = self.directory if self.directory.is_dir() else self.directory.parent
-        free = shutil.disk_usage(where).free
-        if free < need:
-            raise StorageError(
-                f"saving the checkpoint of epoch {epoch} in {self.directory} failed: "
-                f"{os.strerror(errno.ENOSPC)} ({free / 2**20:.1f} MiB free, about "
-                f"{need / 2**20:.1f} MiB needed); free some space and run the same command "
-                "again to resume")
-
-    def restore(self, epoch: int, abstract_state: Any) -> tuple[Any, list[dict]]:
-        """``abstract_state``: a pytree of arrays or ShapeDtypeStructs giving the structure."""
-        import jax
-        import orbax.checkpoint as ocp
-
-        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
-        restored = self.manager.restore(epoch, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target),
-            history=ocp.args.JsonRestore(),
-        ))
-        return restored["state"], list(restored["history"]["metrics"])
-
-    def restore_latest(self, abstract_state: Any, report: Callable[[str], None] = print
-                       ) -> tuple[int, Any, list[dict]]:
-        """Restore the newest checkpoint that can be restored -> (epoch, state, history).
-
-        A newer one that cannot (truncated or missing files) is set aside (see
-        :meth:`set_aside`) with one ``report``-ed line, and the one before it is tried. Raises
-        RunDirError when none can be restored. In a multi-process job every process calls
-        this, and they go through the same steps.
-        """
-        while (epoch := self.latest_epoch()) is not None:
-            with quiet_background_failures():
-                try:
-                    state, history = self.restore(epoch, abstract_state)
-                    failure = ""
-                except Exception as e:  # whatever orbax / TensorStore raise for damaged files
-                    failure = first_line(e)
-                    gc.collect()  # as quiet_background_failures does for what it lets out
-            failures = [f for f in self._agree(failure) if f]
-            if not failures:
-                return epoch, state, history
-            self.close()  # the manager caches the steps it saw
-            if self._primary:
-                target = self.set_aside(epoch)
-                report(f"warning: the checkpoint of epoch {epoch} cannot be restored "
-                       f"({failures[0]}); moved it to {target} and trying the one before")
-            self._agree("moved")  # the others look again only after the primary moved it
-        raise RunDirError(
-            f"no checkpoint in {self.directory} can be restored (the damaged ones are in "
-            f"{self.directory.parent / DAMAGED_DIR}); run the same command again to start the "
-            "run afresh, or restore the checkpoints from a backup")
-
-    def close(self) -> None:
-        if self._manager is not None:
-            self._manager.close()
-            self._manager = None
-
-
-def dump_jsonl(records: list[dict]) -> str:
-    return "".join(json.dumps(r) + "\n" for r in records)

@@ -1,17 +1,17 @@
 """Train a convolutional autoencoder: ``python -m cae.train --config configs/mnist_tied.yaml``.
 
 ``train_and_evaluate(cfg, workdir)`` is the testable entry point; ``main`` only parses the command
-line (:mod:`cae.cli` turns user mistakes into one-line errors). The steps are pure functions,
-``jit``ted once at module level, with the train state donated; the devices and processes they
-run on are :mod:`cae.cluster`'s.
+line (:mod:`cae.cli` turns user mistakes into one-line errors). This file holds the steps and the
+loop, as the Flax examples do: the steps are pure functions, ``jit``ted once at module level,
+with the train state donated. What a config becomes (model, state, data) is
+:mod:`cae.experiment`'s; the devices and processes they run on :mod:`cae.cluster`'s; the run dir
+:mod:`cae.rundir`'s and :mod:`cae.checkpoints`'; the end-of-run report :mod:`cae.report`'s.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import math
 import os
 import shutil
 import sys
@@ -23,19 +23,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import struct
-from flax.training import train_state
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from cae import baselines, cli, cluster, cpu_speed, models, plots, probe, rundir
+from cae import checkpoints, cli, cluster, cpu_speed, report, rundir
 from cae import config as config_lib
 from cae import data as data_lib
-from cae.config import Config, ConfigError
+from cae.config import Config
+from cae.errors import EXIT_DIVERGED
+from cae.experiment import (
+    TrainState,
+    check_geometry,
+    create_train_state,
+    load_data,
+    psnr,
+    reconstruct,
+    state_tree,
+)
+from cae.files import dump_jsonl, write_atomic
 
-__all__ = ["TrainState", "build_model", "create_train_state", "loss_fn", "train_step",
-           "train_epoch_steps", "reconstruct", "eval_step", "evaluate", "load_data",
-           "check_geometry", "train_and_evaluate", "main", "TrainingDiverged"]
+__all__ = ["loss_fn", "train_step", "train_epoch_steps", "epoch_batches", "eval_step",
+           "evaluate", "EvalSet", "train_and_evaluate", "main", "TrainingDiverged"]
 
 LOG_EVERY = 50  # steps between loss syncs (progress bar, NaN check, TensorBoard)
 BATCHES = P(None, cluster.BATCH_AXIS)  # [S, B, ...]: S batches of B, B split over the devices
@@ -44,65 +52,12 @@ BATCHES = P(None, cluster.BATCH_AXIS)  # [S, B, ...]: S batches of B, B split ov
 class TrainingDiverged(RuntimeError):
     """The loss became NaN/inf; the last good checkpoint is kept."""
 
-    exit_code = cli.EXIT_DIVERGED
-
-
-class TrainState(train_state.TrainState):
-    loss: str = struct.field(pytree_node=False, default="bce")  # "bce" | "mse"
-    compute_dtype: str = struct.field(pytree_node=False, default="float32")  # | "bfloat16"
+    exit_code = EXIT_DIVERGED
 
 
 # ----------------------------------------------------------------------------------------------
-# Model, optimizer, steps
+# Steps
 # ----------------------------------------------------------------------------------------------
-
-
-def build_model(cfg: Config, image_shape=None) -> models.ConvAutoencoder:
-    """The model ``cfg.model`` describes: the one place a config becomes a model.
-    ``image_shape`` (H, W, C) is needed only for ``decode`` (``method="decode"``)."""
-    m = cfg.model
-    n = len(m.features)
-    return models.ConvAutoencoder(
-        features=tuple(m.features),
-        kernel_size=tuple(config_lib.per_layer(m.kernel_size, n, "model.kernel_size")),
-        strides=tuple(config_lib.per_layer(m.strides, n, "model.strides")),
-        padding=tuple(config_lib.per_layer(m.padding, n, "model.padding")),
-        tied=m.tied, activation=m.activation, code_activation=m.code_activation,
-        impl=m.conv_transpose_impl,
-        image_shape=None if image_shape is None else tuple(int(v) for v in image_shape),
-        code_size=m.code_size,
-    )
-
-
-def build_optimizer(cfg: Config, total_steps: int) -> optax.GradientTransformation:
-    t = cfg.train
-    if t.schedule == "cosine":
-        lr = optax.warmup_cosine_decay_schedule(
-            0.0, t.learning_rate, t.warmup_steps, max(total_steps, t.warmup_steps + 1))
-    elif t.warmup_steps:
-        lr = optax.linear_schedule(0.0, t.learning_rate, t.warmup_steps)
-    else:
-        lr = t.learning_rate
-    if t.optimizer == "adamw":
-        return optax.adamw(lr, weight_decay=t.weight_decay)
-    if t.optimizer == "sgd":
-        return optax.sgd(lr, momentum=0.9, nesterov=True)
-    return optax.adam(lr)
-
-
-def create_train_state(cfg: Config, image_shape, total_steps: int) -> TrainState:
-    """Initialise parameters for images of ``image_shape`` = (H, W, C) from ``train.seed``."""
-    model = build_model(cfg)
-    # JAX's default ("partitionable") threefry takes ~1.5 s *per parameter shape* to compile on
-    # CPU; this one-off init does not need it, and the classic lowering compiles 5x faster.
-    # Same seed -> same parameters, every run.
-    with jax.threefry_partitionable(False):
-        variables = jax.jit(model.init)(jax.random.key(cfg.train.seed),
-                                        jnp.zeros((1, *image_shape)))
-    params = variables["params"]
-    return TrainState.create(apply_fn=model.apply, params=params,
-                             tx=build_optimizer(cfg, total_steps), loss=cfg.train.loss,
-                             compute_dtype=cfg.train.dtype)
 
 
 def loss_fn(params, apply_fn, images: jax.Array, loss: str,
@@ -170,12 +125,6 @@ def epoch_batches(key: jax.Array, num_examples: int, batch_size: int) -> jax.Arr
     return perm[:steps * batch_size].reshape(steps, batch_size).astype(jnp.int32)
 
 
-def reconstruct(apply_fn, params, images: jax.Array) -> jax.Array:
-    """images: [B, H, W, C] uint8 -> reconstructions [B, H, W, C] in [0, 1] (sigmoid of the
-    model's logits). ``apply_fn``: the model's ``apply``."""
-    return jax.nn.sigmoid(apply_fn({"params": params}, data_lib.normalize(images)))
-
-
 @jax.jit
 def eval_step(state: TrainState, images: jax.Array) -> tuple[jax.Array, jax.Array]:
     """images: [B, H, W, C] uint8 -> (per-example mean squared error [B], reconstructions)."""
@@ -223,48 +172,9 @@ def compile_evaluation(state: TrainState, test: EvalSet):
     return cpu_speed.compile_fast(_sum_squared_errors.lower(state, test.batches, test.valid))
 
 
-def psnr(mse: float) -> float:
-    """Peak signal-to-noise ratio in dB for pixels in [0, 1]."""
-    return float("inf") if mse <= 0 else float(10.0 * math.log10(1.0 / mse))
-
-
 # ----------------------------------------------------------------------------------------------
 # The experiment
 # ----------------------------------------------------------------------------------------------
-
-
-def load_data(cfg: Config) -> data_lib.Dataset:
-    """The splits ``cfg.data`` names, in memory: the one place a config becomes data (cae.train,
-    cae.ablate, cae.visualize and the scripts). Raises DataError."""
-    return data_lib.load_dataset(cfg.data.name, cfg.data.data_dir, cfg.data.manual_dir,
-                                 cfg.data.max_train_examples)
-
-
-def code_shape(cfg: Config, image_shape) -> tuple[int, int, int]:
-    """The code's shape (h, w, C) for images of ``image_shape`` (H, W, C); its size h * w * C is
-    the number of values per image the encoder keeps. Raises ValueError if a layer does not fit."""
-    m = build_model(cfg)
-    return models.code_shape(image_shape, m.features, m.kernel_size, m.strides, m.padding,
-                             m.code_size)
-
-
-def check_geometry(cfg: Config, image_shape, num_train: int, num_devices: int = 1) -> None:
-    """What the config alone cannot check: the model against the images (H, W, C), the batch
-    against the training split and the devices. Raises ConfigError."""
-    try:
-        code_shape(cfg, image_shape)
-    except ValueError as e:
-        raise ConfigError(f"model (images {image_shape[0]}x{image_shape[1]}): {e}") from None
-    if cfg.train.batch_size > num_train:
-        raise ConfigError(f"train.batch_size={cfg.train.batch_size}: larger than the "
-                          f"{num_train} training examples")
-    total_steps = num_train // cfg.train.batch_size * cfg.train.epochs
-    if total_steps > config_lib.INT_MAX:  # the step counter is an int32
-        raise ConfigError(f"train.epochs={cfg.train.epochs}: {total_steps} steps in all, more "
-                          f"than the step counter holds ({config_lib.INT_MAX})")
-    if cfg.train.batch_size % num_devices:
-        raise ConfigError(f"train.batch_size={cfg.train.batch_size}: must be a multiple of the "
-                          f"number of devices ({num_devices}); each device takes an equal share")
 
 
 def train_and_evaluate(cfg: Config, workdir: str | os.PathLike | None = None,
@@ -301,7 +211,10 @@ def train_and_evaluate(cfg: Config, workdir: str | os.PathLike | None = None,
             record.add_epoch(epoch, state, losses, seconds,
                              test_mse=evaluate(state, test_set, eval_program))
             files.save_epoch(state, record.history)
-        return write_report(cfg, state, ds, record, files)
+        wall_time_s = record.wall_time_s()  # the training's, without the report
+        return report.write_report(cfg, state, ds, record.history, wall_time_s=wall_time_s,
+                                   images_per_sec=record.images_per_sec(),
+                                   out_dir=files.out_dir, writer=files.writer)
 
 
 @dataclasses.dataclass
@@ -359,10 +272,11 @@ class RunFiles:
 
     def __init__(self, cfg: Config):
         self.cfg, self.run_dir = cfg, Path(cfg.output.dir)
-        self.resume, self.lock = cluster.open_run_dir(self.run_dir, config_lib.to_dict(cfg),
-                                                      cfg.output.overwrite)
-        self.ckpt = rundir.Checkpointer(self.run_dir, agree=lambda outcome: cluster.all_outcomes(
-            outcome, "checkpointing"), primary=cluster.is_primary())
+        self.resume, self.lock = rundir.open_run_dir(
+            self.run_dir, config_lib.to_dict(cfg), cfg.output.overwrite,
+            agree=cluster.all_outcomes, primary=cluster.is_primary(), several=cluster.several())
+        self.ckpt = checkpoints.Checkpointer(self.run_dir, agree=cluster.all_outcomes,
+                                             primary=cluster.is_primary())
         self.out_dir = (self.run_dir if cluster.is_primary()
                         else Path(tempfile.mkdtemp(prefix="cae-scratch-")))
         self.writer = None
@@ -386,13 +300,19 @@ class RunFiles:
         if self.resume:
             # Restored straight into the mesh's layout: with several processes, arrays restored
             # onto each process's own device could not be moved onto the mesh afterwards.
-            last, restored, history = self.ckpt.restore_latest(
-                state_tree(jax.device_put(state, cluster.sharding(mesh))),
-                report=lambda line: print(line, file=sys.stderr, flush=True))
+            newest = self.ckpt.restore_newest_intact(
+                state_tree(jax.device_put(state, cluster.sharding(mesh))), set_aside=True,
+                report=_report_set_aside)
+            if newest is None:
+                raise rundir.RunDirError(
+                    f"no checkpoint in {self.ckpt.directory} can be restored (the damaged ones "
+                    f"are in {self.run_dir / checkpoints.DAMAGED_DIR}); run the same command "
+                    "again to start the run afresh, or restore the checkpoints from a backup")
+            last, restored, history = newest
             state, first_epoch = state.replace(**restored), last + 1
             print(f"resuming {self.run_dir} from the checkpoint of epoch "
                   f"{last}/{self.cfg.train.epochs}")
-        rundir.write_atomic(self.out_dir / rundir.METRICS_FILE, rundir.dump_jsonl(history))
+        write_atomic(self.out_dir / rundir.METRICS_FILE, dump_jsonl(history))
         return state, history, first_epoch
 
     def open_tensorboard(self, purge_step: int | None) -> None:
@@ -406,7 +326,7 @@ class RunFiles:
         TensorBoard, one line on stdout."""
         record = history[-1]
         self.ckpt.save(record["epoch"], state_tree(state), history)  # committed before reported
-        rundir.write_atomic(self.out_dir / rundir.METRICS_FILE, rundir.dump_jsonl(history))
+        write_atomic(self.out_dir / rundir.METRICS_FILE, dump_jsonl(history))
         for key in ("train_loss", "test_mse", "test_psnr", "images_per_sec"):
             self.writer.add_scalar(f"epoch/{key}", record[key], record["step"])
         print(f"epoch {record['epoch']}/{self.cfg.train.epochs}: train_loss "
@@ -465,6 +385,11 @@ class EpochTrainer:
         return state, np.concatenate(losses), seconds
 
 
+def _report_set_aside(epoch: int, reason: str, moved_to: Path | None) -> None:
+    print(f"warning: the checkpoint of epoch {epoch} cannot be restored ({reason}); moved it "
+          f"to {moved_to} and trying the one before", file=sys.stderr, flush=True)
+
+
 def _progress(cfg: Config, total: int, desc: str):
     from tqdm.auto import tqdm
 
@@ -491,129 +416,6 @@ def _last_good(epoch: int, run_dir: Path) -> str:
     return f"Last good checkpoint: epoch {epoch - 1} in {run_dir}"
 
 
-def state_tree(state: TrainState) -> dict:
-    """The part of the train state that is saved: arrays only, no functions."""
-    return {"params": state.params, "opt_state": state.opt_state, "step": state.step}
-
-
-# ----------------------------------------------------------------------------------------------
-# The end-of-run report: pictures, linear probe, PCA baseline, summary.json
-# ----------------------------------------------------------------------------------------------
-
-
-def write_report(cfg: Config, state: TrainState, ds: data_lib.Dataset, record: RunRecord,
-                 files: RunFiles) -> dict:
-    """Pictures, TensorBoard images, linear probe and PCA baseline, then summary.json (written
-    last and atomically: it marks the run finished) -> the summary."""
-    wall_time_s = record.wall_time_s()  # the training's, without this report
-    code_size, pca = pca_baseline(cfg, ds, probe=cfg.train.linear_probe)
-    save_pictures(cfg, state, ds, record.history, files, code_size=code_size, pca=pca)
-    probe_acc = linear_probe(cfg, state, ds, files.writer) if cfg.train.linear_probe else None
-    final = record.history[-1]
-    summary = {
-        "test_mse": final["test_mse"],
-        "test_psnr": final["test_psnr"],
-        "initial_test_mse": final["initial_test_mse"],
-        "train_loss": final["train_loss"],
-        "num_params": int(sum(x.size for x in jax.tree.leaves(state.params))),
-        "tied": cfg.model.tied,
-        "epochs": cfg.train.epochs,
-        "steps": int(state.step),
-        "train_images_per_sec": record.images_per_sec(),
-        "num_devices": jax.device_count(),  # batches are split over all of them
-        "backend": jax.default_backend(),
-        "wall_time_s": wall_time_s,
-        "dataset": ds.name,
-        "image_shape": list(ds.image_shape),
-        "linear_probe_acc": probe_acc,  # None: switched off, or a dataset without labels
-        "code_size": code_size,  # numbers per image in the code
-    }
-    if pca is not None:  # the linear baseline with as many numbers: PCA-code_size
-        summary["pca_test_mse"] = pca.test_mse
-        summary["mse_ratio_to_pca"] = (pca.test_mse / final["test_mse"] if final["test_mse"] > 0
-                                       else float("inf"))
-        if cfg.train.linear_probe:
-            summary["pca_probe_acc"] = pca.probe_acc
-    rundir.write_atomic(files.out_dir / rundir.SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
-    return summary
-
-
-def save_pictures(cfg: Config, state: TrainState, ds: data_lib.Dataset, history: list[dict],
-                  files: RunFiles, *, code_size: int, pca) -> None:
-    """reconstructions.png (also to TensorBoard) and curves.png, each beside the PCA baseline
-    (``pca``: ``pca_baseline``'s, None without one)."""
-    originals = ds.test[:min(cfg.output.num_images, len(ds.test))]
-    recon = np.asarray(eval_step(state, originals)[1])
-    against, baseline = pca_labels(code_size, pca)
-    kind = f"{ds.name}, {'tied' if cfg.model.tied else 'untied'}"
-    plots.save_reconstructions(
-        files.out_dir / "reconstructions.png", data_lib.normalize(originals), recon,
-        title=f"{kind}, code of {code_size} numbers: test MSE {history[-1]['test_mse']:.4f}"
-              f"{against} after {cfg.train.epochs} epochs")
-    files.writer.add_images("test/reconstructions", np.concatenate(
-        [data_lib.normalize(originals), recon]), int(state.step), dataformats="NHWC")
-    plots.save_figure(files.out_dir / "curves.png", plots.curves_figure(
-        history, loss_name=f"train loss ({cfg.train.loss.upper()})", title=kind,
-        baseline=baseline))
-
-
-def linear_probe(cfg: Config, state: TrainState, ds: data_lib.Dataset,
-                 writer=None) -> float | None:
-    """Frozen codes of the train split -> logistic regression -> its test accuracy (None for a
-    dataset without labels), also to TensorBoard when given its ``writer``."""
-    print(f"linear probe: logistic regression on the codes of {len(ds.train)} train images "
-          "(train.linear_probe=false skips it)", flush=True)
-    acc = probe.probe_dataset(build_model(cfg, ds.image_shape).apply, state.params, ds,
-                              cfg.train.eval_batch_size, seed=cfg.train.seed)
-    if acc is not None and writer is not None:
-        writer.add_scalar("test/linear_probe_acc", acc, int(state.step))
-    return acc
-
-
-def pca_baseline(cfg: Config, ds: data_lib.Dataset, probe: bool = False):
-    """-> (code_size, PCA with code_size components on the same splits, or None when the code is
-    not smaller than an image: then nothing is compressed and there is no baseline). Cached per
-    machine (``cae.baselines``); ``probe``: with the linear probe of the PCA codes."""
-    code_size = int(np.prod(code_shape(cfg, ds.image_shape)))
-    if code_size >= int(np.prod(ds.image_shape)):
-        return code_size, None
-    t0 = time.perf_counter()
-    result = baselines.pca_baseline(ds, code_size, probe=probe)
-    if time.perf_counter() - t0 > 1.0:  # computed, not read from the cache
-        print(f"PCA baseline with {code_size} components in {time.perf_counter() - t0:.1f} s "
-              f"(cached in {baselines.cache_dir()})", flush=True)
-    return code_size, result
-
-
-def pca_labels(code_size: int, pca) -> tuple[str, tuple[str, float] | None]:
-    """``pca_baseline``'s result for the pictures: (a suffix for a title naming PCA's test MSE,
-    ``plots.curves_figure``'s ``baseline``); ("", None) without a baseline."""
-    if pca is None:
-        return "", None
-    return (f" (PCA with {code_size} components: {pca.test_mse:.4f})",
-            (f"PCA, {code_size} components", pca.test_mse))
-
-
-def summary_line(summary: dict) -> str:
-    """The figures of a summary.json in one line, each quality figure beside its baseline."""
-    parts = [f"test_mse {summary['test_mse']:.5f} (untrained {summary['initial_test_mse']:.5f}"]
-    if summary.get("pca_test_mse") is not None:
-        ratio = summary["mse_ratio_to_pca"]
-        verdict = (f"{ratio:.2f}x lower than PCA" if ratio >= 1 else
-                   f"{1 / ratio:.2f}x higher than PCA: worse than the linear baseline")
-        parts[0] += f", PCA-{summary['code_size']} {summary['pca_test_mse']:.5f}: {verdict})"
-    else:
-        parts[0] += f"; code of {summary['code_size']} numbers: no PCA baseline)"
-    parts.append(f"test_psnr {summary['test_psnr']:.2f} dB")
-    if summary.get("linear_probe_acc") is not None:
-        pca_probe = summary.get("pca_probe_acc")
-        parts.append(f"linear_probe_acc {summary['linear_probe_acc']:.4f}"
-                     + ("" if pca_probe is None else f" (PCA codes {pca_probe:.4f})"))
-    parts.append(f"code {summary['code_size']} numbers, {summary['num_params']} params, "
-                 f"{summary['train_images_per_sec']:.0f} img/s")
-    return ", ".join(parts)
-
-
 # ----------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------
@@ -636,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     if code:
         return code
     cfg, summary = result
-    print(f"done: {summary_line(summary)}; results in {cfg.output.dir}")
+    print(f"done: {report.summary_line(summary)}; results in {cfg.output.dir}")
     return 0
 
 

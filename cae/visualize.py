@@ -17,12 +17,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import yaml
 
-from cae import cli, plots, probe, rundir
+from cae import checkpoints, cli, experiment, plots, probe, rundir
 from cae import config as config_lib
-from cae import data as data_lib
-from cae.config import ConfigError
+from cae.errors import EXIT_USER, ConfigError
 
 __all__ = ["PICTURES", "one_hot_codes", "decode_codes", "load_run",
            "write_pictures", "visualize", "main", "VisualizeError"]
@@ -35,7 +33,7 @@ CODE_POINTS = 5000  # test codes in codes_pca.png (PCA fitted on the whole test 
 class VisualizeError(RuntimeError):
     """RUN_DIR or --out cannot be used; the message is one line."""
 
-    exit_code = cli.EXIT_USER
+    exit_code = EXIT_USER
 
 
 def one_hot_codes(code_shape: tuple[int, int, int], amplitude: float) -> np.ndarray:
@@ -49,7 +47,7 @@ def one_hot_codes(code_shape: tuple[int, int, int], amplitude: float) -> np.ndar
 
 def decode_codes(model, params, codes: np.ndarray) -> np.ndarray:
     """codes: [N, h, w, F] -> sigmoid(decoder(codes)) [N, H, W, C] in [0, 1]. ``model`` needs
-    ``image_shape`` (see ``train.build_model``)."""
+    ``image_shape`` (see ``experiment.build_model``)."""
     logits = model.apply({"params": params}, jnp.asarray(codes), method="decode")
     return np.asarray(jax.nn.sigmoid(logits))
 
@@ -57,8 +55,6 @@ def decode_codes(model, params, codes: np.ndarray) -> np.ndarray:
 def load_run(run_dir: Path):
     """-> (config, dataset, params of the latest checkpoint, its metrics history, its epoch).
     Raises VisualizeError / ConfigError / DataError for user mistakes."""
-    from cae import train
-
     if not run_dir.exists():
         raise VisualizeError(f"RUN_DIR {str(run_dir)!r}: no such directory")
     if not run_dir.is_dir():
@@ -68,71 +64,50 @@ def load_run(run_dir: Path):
         raise VisualizeError(f"RUN_DIR {str(run_dir)!r}: not a cae run directory (no "
                              f"{rundir.CONFIG_FILE}); give the output.dir of a training run")
     try:
-        raw = yaml.safe_load(config_file.read_text())
-    except yaml.YAMLError:
-        raise VisualizeError(f"{config_file}: malformed YAML") from None
-    try:
-        cfg = config_lib.from_dict(raw)
+        cfg = config_lib.from_dict(rundir.read_saved_config(run_dir, strict=True))
     except ConfigError as e:
-        raise VisualizeError(f"{config_file}: {e}") from None
-    ckpt = rundir.Checkpointer(run_dir)
+        message = str(e)
+        raise VisualizeError(message if message.startswith(str(config_file))
+                             else f"{config_file}: {message}") from None
+    ckpt = checkpoints.Checkpointer(run_dir)
     try:
-        epoch = ckpt.latest_epoch()
-        if epoch is None:
+        if ckpt.latest_epoch() is None:
             raise VisualizeError(f"RUN_DIR {str(run_dir)!r}: no checkpoint yet (the run "
                                  "stopped before its first epoch ended); nothing to draw")
-        ds = train.load_data(cfg)
-        # The abstract train state gives orbax the structure of what was saved.
-        state = train.create_train_state(cfg, ds.image_shape, 1)
-        epoch, restored, history = _restore_newest_intact(ckpt, train.state_tree(state))
+        ds = experiment.load_data(cfg)
+        # The abstract train state gives orbax the structure of what was saved. A damaged newer
+        # checkpoint is reported and skipped, not moved: drawing changes nothing (the next
+        # cae.train run sets it aside).
+        state = experiment.create_train_state(cfg, ds.image_shape, 1)
+        newest = ckpt.restore_newest_intact(experiment.state_tree(state), set_aside=False,
+                                            report=_report_skipped)
     finally:
         ckpt.close()
+    if newest is None:
+        raise VisualizeError(f"no checkpoint in {ckpt.directory} can be restored; run cae.train "
+                             "with the same config to set the damaged ones aside and resume")
+    epoch, restored, history = newest
     return cfg, ds, restored["params"], history, epoch
 
 
-def _restore_newest_intact(ckpt: rundir.Checkpointer, abstract_state):
-    """The newest checkpoint that restores -> (epoch, state, history); a damaged newer one is
-    reported and skipped, not moved (drawing changes nothing; the next cae.train run sets it
-    aside)."""
-    for epoch in reversed(ckpt.epochs()):
-        try:
-            with rundir.quiet_background_failures():
-                restored, history = ckpt.restore(epoch, abstract_state)
-        except Exception as e:  # whatever orbax / TensorStore raise for damaged files
-            print(f"warning: the checkpoint of epoch {epoch} cannot be restored "
-                  f"({rundir.first_line(e)}); drawing an older one", file=sys.stderr)
-            ckpt.close()
-            continue
-        return epoch, restored, history
-    raise VisualizeError(f"no checkpoint in {ckpt.directory} can be restored; run cae.train "
-                         "with the same config to set the damaged ones aside and resume")
+def _report_skipped(epoch: int, reason: str, moved_to: Path | None) -> None:
+    print(f"warning: the checkpoint of epoch {epoch} cannot be restored ({reason}); drawing an "
+          "older one", file=sys.stderr)
 
 
 def write_pictures(cfg, ds, params, history: list[dict], out_dir: Path, epoch: int) -> list[Path]:
     """Compute everything first, then write the five PNGs (atomically) into ``out_dir``."""
-    from cae import train
-
-    model = train.build_model(cfg, ds.image_shape)
-    kind = "tied" if cfg.model.tied else "untied"
-    where = f"{ds.name}, {kind}, epoch {epoch}"
-    figures = {}
-
-    n = min(cfg.output.num_images, len(ds.test))
-    originals = ds.test[:n]
-    recon = np.asarray(train.reconstruct(model.apply, params, jnp.asarray(originals)))
-    against, baseline = train.pca_labels(*train.pca_baseline(cfg, ds))
-    mse = f": test MSE {history[-1]['test_mse']:.4f}{against}" if history else ""
-    figures["reconstructions.png"] = plots.reconstruction_figure(
-        data_lib.normalize(originals), recon, title=f"{where}{mse}")
-    figures["curves.png"] = plots.curves_figure(
-        history, loss_name=f"train loss ({cfg.train.loss.upper()})", title=where,
-        baseline=baseline)
+    model = experiment.build_model(cfg, ds.image_shape)
+    where = f"{ds.name}, {'tied' if cfg.model.tied else 'untied'}, epoch {epoch}"
+    code_size, pca = experiment.linear_baseline(cfg, ds)
+    figures = experiment.run_figures(cfg, ds, params, history, epoch=epoch, code_size=code_size,
+                                     pca=pca)
     kernel = np.asarray(params["encoder_0"]["kernel"])  # [k, k, C, F]
     figures["filters.png"] = plots.filters_figure(
         kernel, title=f"{where}: the first encoder layer's {kernel.shape[-1]} filters "
                       f"({kernel.shape[0]}x{kernel.shape[1]})")
 
-    code_shape = train.code_shape(cfg, ds.image_shape)
+    code_shape = experiment.model_code_shape(cfg, ds.image_shape)
     h, w, f = code_shape
     codes = probe.encode_images(model.apply, params, ds.test, cfg.train.eval_batch_size)
     figures["codes_pca.png"] = plots.codes_figure(

@@ -43,13 +43,13 @@ import jax.numpy as jnp
 import numpy as np
 from bench_ops import config_from_command_line, cpu_model
 
-from cae import cli, cluster, cpu_speed, models, ops, train
+from cae import cli, cluster, cpu_speed, experiment, models, ops, train
 from cae import data as data_lib
 
 
 def load_images(cfg) -> tuple[np.ndarray, str]:
     try:
-        ds = train.load_data(cfg)
+        ds = experiment.load_data(cfg)
         return ds.train, f"{ds.name} train split, {len(ds.train)} images"
     except data_lib.DataError as e:
         rng = np.random.default_rng(0)
@@ -76,7 +76,7 @@ def torch_trainer(torch, cfg, params, images: np.ndarray, batch: int, seed: int)
     ``run(steps) -> last loss`` and ``first_loss`` (loss of the first batch before training)."""
     f = torch.nn.functional
     m = cfg.model
-    model = train.build_model(cfg)  # its layers, with model.code_size's fully connected one
+    model = experiment.build_model(cfg)  # its layers, with model.code_size's fully connected one
     _, ks, ss, ps = models.layer_plan(images.shape[1:], model.features, model.kernel_size,
                                       model.strides, model.padding, model.code_size)
     n = len(ks)
@@ -167,7 +167,7 @@ def main(argv=None) -> int:
           f"impl={cfg.model.conv_transpose_impl}, dtype={cfg.train.dtype}; data: {source}")
     print(f"# {args.rounds} interleaved rounds of {steps} steps per method; median")
 
-    state = train.create_train_state(cfg, images.shape[1:], steps_per_epoch)
+    state = experiment.create_train_state(cfg, images.shape[1:], steps_per_epoch)
     params0 = jax.device_get(state.params)
     train_images = cluster.put(images, mesh)
     batch_sharding = cluster.sharding(mesh, train.BATCHES)

@@ -32,14 +32,14 @@ import jax.numpy as jnp
 import numpy as np
 from bench_ops import config_from_command_line, cpu_model
 
-from cae import cli, cpu_speed, ops, train
+from cae import cli, cpu_speed, experiment, ops, train
 
 
 def compile_step(cfg, images, batches, gemm: bool):
     """(program, initial state) of ``len(batches)`` training steps, with or without the GEMM
     path for a conv that covers its input."""
     with ops.gemm_for_covering_kernels(gemm):  # traced now: the program keeps the path
-        state = train.create_train_state(cfg, images.shape[1:], 1000)
+        state = experiment.create_train_state(cfg, images.shape[1:], 1000)
         lowered = train.train_epoch_steps.lower(state, images, batches, np.int32(0), len(batches))
         program = cpu_speed.compile_fast(lowered)
     return program, state

@@ -20,7 +20,7 @@ try:
 except ImportError:  # running from a checkout without installing
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cae import cli, config, train
+from cae import cli, config, experiment
 from cae.data import DataError
 
 
@@ -33,9 +33,10 @@ def main(argv=None) -> int:
 
     def measure() -> tuple:
         cfg = config.load_config(args.config, args.set)
-        ds = train.load_data(cfg)
-        state = train.create_train_state(cfg, ds.image_shape, 1)  # the run's initial parameters
-        acc = train.linear_probe(cfg, state, ds)
+        ds = experiment.load_data(cfg)
+        # The run's initial parameters.
+        state = experiment.create_train_state(cfg, ds.image_shape, 1)
+        acc = experiment.probe_accuracy(cfg, state.params, ds)
         if acc is None:
             raise DataError(f"{ds.name} has no labels: no linear probe")
         return cfg, ds, acc

@@ -23,7 +23,7 @@ import pytest
 import yaml
 from conftest import REPO
 
-from cae import ablate, config, plots
+from cae import ablate, ablation_report, config, plots
 
 ABLATION = REPO / "configs" / "ablation_tied_vs_untied.yaml"
 
@@ -36,7 +36,7 @@ T_975_DF4, T_995_DF4 = 2.7764, 4.6041
 
 
 def test_compare_equal_spread_matches_hand_formulas():
-    c = ablate.compare([1.0, 2.0, 3.0], [4.0, 5.0, 6.0])
+    c = ablation_report.compare([1.0, 2.0, 3.0], [4.0, 5.0, 6.0])
     assert (c.n_tied, c.n_untied, c.mean_tied, c.mean_untied) == (3, 3, 2.0, 5.0)
     assert c.std_tied == pytest.approx(1.0) and c.std_untied == pytest.approx(1.0)  # ddof=1
     assert c.diff == 3.0 and c.pooled_std == pytest.approx(1.0)
@@ -49,45 +49,45 @@ def test_compare_equal_spread_matches_hand_formulas():
 @pytest.mark.parametrize("t_crit, p_expected", [(T_975_DF4, 0.05), (T_995_DF4, 0.01)])
 def test_compare_p_value_at_table_critical_values(t_crit, p_expected):
     d = t_crit * math.sqrt(2.0 / 3.0)  # samples with s = 1, n = 3: t = d / sqrt(2/3)
-    c = ablate.compare([0.0, 1.0, 2.0], [d, d + 1.0, d + 2.0])
+    c = ablation_report.compare([0.0, 1.0, 2.0], [d, d + 1.0, d + 2.0])
     assert c.t == pytest.approx(t_crit) and c.p == pytest.approx(p_expected, rel=2e-3)
 
 
 def test_compare_unequal_spread_uses_welch_df_and_is_not_significant():
-    c = ablate.compare([1.0, 2.0, 3.0], [2.0, 6.0, 10.0])  # variances 1 and 16
+    c = ablation_report.compare([1.0, 2.0, 3.0], [2.0, 6.0, 10.0])  # variances 1 and 16
     assert c.diff == 4.0
     assert c.t == pytest.approx(4.0 / math.sqrt(17.0 / 3.0))  # 1.680
     assert c.df == pytest.approx(578.0 / 257.0)  # Welch-Satterthwaite by hand: 2.249
     assert c.pooled_std == pytest.approx(math.sqrt(8.5))
     # t < 3.182, the 5 % critical value for 3 df (and df < 3 only raises it): p > 0.05
     assert c.p > 0.05 and c.significant is False
-    text = ablate.verdict(c)
+    text = ablation_report.verdict(c)
     assert text.startswith("Tied has the lower test MSE: untied - tied = +4")
     assert "within the seed-to-seed spread" in text and "exceeds" not in text
 
 
 def test_verdict_names_the_better_variant_for_both_directions():
-    c = ablate.compare([0.0030, 0.0031, 0.0032], [0.0020, 0.0021, 0.0022])
+    c = ablation_report.compare([0.0030, 0.0031, 0.0032], [0.0020, 0.0021, 0.0022])
     assert c.diff == pytest.approx(-0.001) and c.significant is True
-    mse = ablate.verdict(c, "test MSE", lower_is_better=True)
+    mse = ablation_report.verdict(c, "test MSE", lower_is_better=True)
     assert mse.startswith("Untied has the lower test MSE") and "exceeds the seed-to-seed" in mse
     assert f"p = {c.p:.3g} < 0.05" in mse
-    acc = ablate.verdict(c, "accuracy", lower_is_better=False)
+    acc = ablation_report.verdict(c, "accuracy", lower_is_better=False)
     assert acc.startswith("Tied has the higher accuracy")
 
 
 def test_one_seed_has_no_spread_and_no_verdict():
-    c = ablate.compare([0.003], [0.002])
+    c = ablation_report.compare([0.003], [0.002])
     assert math.isnan(c.std_tied) and math.isnan(c.p) and c.significant is None
     assert c.diff == pytest.approx(-0.001)
-    assert "cannot be judged" in ablate.verdict(c)
+    assert "cannot be judged" in ablation_report.verdict(c)
 
 
 def test_zero_spread():
-    assert ablate.compare([1.0, 1.0], [2.0, 2.0]).significant is True
-    same = ablate.compare([1.0, 1.0], [1.0, 1.0])
+    assert ablation_report.compare([1.0, 1.0], [2.0, 2.0]).significant is True
+    same = ablation_report.compare([1.0, 1.0], [1.0, 1.0])
     assert same.significant is False and same.diff == 0.0
-    assert ablate.verdict(same).startswith("Neither variant")
+    assert ablation_report.verdict(same).startswith("Neither variant")
 
 
 def _rows(tied_mse, untied_mse, acc=None, code_size=256, pca=None):
@@ -109,14 +109,14 @@ def test_csv_and_markdown_from_hand_made_rows():
     tied, untied = [0.0030, 0.0034, 0.0029], [0.0025, 0.0027, 0.0024]
     rows = _rows(tied, untied)
     base = config.from_dict({})
-    md = ablate.render_markdown(rows, base, ablate.AblationConfig(seeds=[0, 1, 2]))
+    md = ablation_report.render_markdown(rows, base, config.AblationConfig(seeds=[0, 1, 2]))
     # mean ± sample std recomputed here; the parameter ratio 190 / 100
     for values in (tied, untied):
         assert f"{np.mean(values):.6f} ± {np.std(values, ddof=1):.6f}" in md
     assert "untied / tied: **1.900**" in md and "n = 3 tied and 3 untied" in md
     assert "| tied | 3 | 100 |" in md and "| untied | 3 | 190 |" in md
     assert "Untied has the lower test MSE" in md and "Linear-probe accuracy: n/a" in md
-    parsed = list(csv.DictReader(io.StringIO(ablate.render_csv(rows))))
+    parsed = list(csv.DictReader(io.StringIO(ablation_report.render_csv(rows))))
     assert [(r["tied"], r["seed"]) for r in parsed] == [
         ("true", "0"), ("true", "1"), ("true", "2"), ("false", "0"), ("false", "1"),
         ("false", "2")]
@@ -126,12 +126,12 @@ def test_csv_and_markdown_from_hand_made_rows():
 
 def test_markdown_with_probe_accuracy_and_with_one_seed():
     acc = {True: [0.90, 0.91], False: [0.80, 0.81]}
-    md = ablate.render_markdown(_rows([0.003, 0.0031], [0.002, 0.0021], acc),
-                                config.from_dict({}), ablate.AblationConfig(seeds=[0, 1]))
+    md = ablation_report.render_markdown(_rows([0.003, 0.0031], [0.002, 0.0021], acc),
+                                config.from_dict({}), config.AblationConfig(seeds=[0, 1]))
     assert "Tied has the higher linear-probe accuracy" in md
     assert f"{0.905:.4f} ± {np.std([0.90, 0.91], ddof=1):.4f}" in md
-    one = ablate.render_markdown(_rows([0.003], [0.002]), config.from_dict({}),
-                                 ablate.AblationConfig(seeds=[0]))
+    one = ablation_report.render_markdown(_rows([0.003], [0.002]), config.from_dict({}),
+                                 config.AblationConfig(seeds=[0]))
     assert "0.003000 ± n/a" in one and "cannot be judged" in one
 
 

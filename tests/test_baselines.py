@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conv_transpose_variants import conv_transpose_autodiff
 
-from cae import baselines, config, data, models, ops, probe, train
+from cae import baselines, config, data, experiment, models, ops, probe, train
 
 
 def _images(n: int, shape=(6, 5, 2), seed: int = 0) -> np.ndarray:
@@ -107,8 +107,8 @@ def test_pca_baseline_is_cached_per_dataset_and_k(tmp_path, monkeypatch):
 ])
 def test_code_shape_is_the_encoders_output(overrides, shape):
     cfg = config.from_dict(config.apply_overrides({}, config.parse_overrides(overrides)))
-    assert train.code_shape(cfg, (28, 28, 1)) == shape
-    model = train.build_model(cfg)
+    assert experiment.model_code_shape(cfg, (28, 28, 1)) == shape
+    model = experiment.build_model(cfg)
     x = jnp.zeros((2, 28, 28, 1))
     code = jax.eval_shape(lambda v: model.apply(v, x, method="encode"),
                           jax.eval_shape(model.init, jax.random.key(0), x))
@@ -226,7 +226,7 @@ def test_code_size_is_the_hand_spelt_fully_connected_conv():
     x = jax.random.uniform(jax.random.key(1), (3, 28, 28, 1))
     outputs = []
     for cfg in (short, spelt):
-        model = train.build_model(cfg)
+        model = experiment.build_model(cfg)
         variables = model.init(jax.random.key(0), x)
         outputs.append((variables, model.apply(variables, x),
                         model.apply(variables, x, method="encode")))
@@ -257,7 +257,7 @@ def test_the_fully_connected_code_trains_as_gemms_not_convolutions():
     code's kernel W [4, 4, 32, 10] (forward, transpose, both gradients are GEMMs), while the
     strided convs remain; with the GEMM path switched off, those convolutions appear."""
     cfg = config.from_dict({"model": {"features": [8, 16, 32], "code_size": 10}})
-    state = train.create_train_state(cfg, (28, 28, 1), 10)
+    state = experiment.create_train_state(cfg, (28, 28, 1), 10)
     images = jnp.zeros((4, 28, 28, 1), jnp.uint8)
 
     def conv_shapes():

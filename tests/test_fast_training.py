@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from conftest import PYTHON, REPO
 
-from cae import cluster, config, cpu_speed, data, ops, train
+from cae import cluster, config, cpu_speed, data, experiment, ops, train
 
 SMOKE = REPO / "configs" / "smoke.yaml"
 SMALL = ["data.max_train_examples=4096", "train.batch_size=64"]  # 64 steps: chunks of 50 + 14
@@ -81,9 +81,9 @@ def test_train_epoch_steps_equals_the_per_step_path(synthetic_mnist):
     cfg = config.load_config(SMOKE, ["train.batch_size=32"])
     images = synthetic_mnist.train[:32 * 6]
     batches = jnp.arange(32 * 6, dtype=jnp.int32).reshape(6, 32)[::-1]  # any order
-    state = train.create_train_state(cfg, synthetic_mnist.image_shape, 100)
+    state = experiment.create_train_state(cfg, synthetic_mnist.image_shape, 100)
     scan_state, scan_losses = train.train_epoch_steps(state, jnp.asarray(images), batches, 1, 4)
-    state = train.create_train_state(cfg, synthetic_mnist.image_shape, 100)
+    state = experiment.create_train_state(cfg, synthetic_mnist.image_shape, 100)
     losses = []
     for row in np.asarray(batches)[1:5]:
         state, loss = train.train_step(state, images[row])
@@ -100,7 +100,7 @@ def test_compile_fast_changes_speed_not_results(synthetic_mnist):
     cfg = config.load_config(SMOKE, ["train.batch_size=32"])
     images = jnp.asarray(synthetic_mnist.train[:32 * 4])
     batches = jnp.arange(32 * 4, dtype=jnp.int32).reshape(4, 32)
-    state = train.create_train_state(cfg, synthetic_mnist.image_shape, 100)
+    state = experiment.create_train_state(cfg, synthetic_mnist.image_shape, 100)
     lowered = train.train_epoch_steps.lower(state, images, batches, np.int32(0), 4)
     default, fast = lowered.compile(), cpu_speed.compile_fast(lowered)
     out = {}
@@ -149,7 +149,7 @@ def test_evaluate_covers_every_test_example(synthetic_mnist, eval_batch_size):
     """One-call evaluation over padded, masked batches == the plain mean of per-example errors
     computed one example at a time in NumPy-land (no example dropped or double counted)."""
     cfg = config.load_config(SMOKE)
-    state = train.create_train_state(cfg, synthetic_mnist.image_shape, 1)
+    state = experiment.create_train_state(cfg, synthetic_mnist.image_shape, 1)
     test = synthetic_mnist.test[:1003]  # not a multiple of any batch size above
     got = train.evaluate(state, train.EvalSet(test, eval_batch_size, cluster.make_mesh()))
     x = data.normalize(test)
@@ -166,7 +166,7 @@ def test_bfloat16_compute_trains_with_float32_parameters(mnist_dirs, tmp_path):
     assert bf16["test_mse"] < 0.5 * bf16["initial_test_mse"]
     assert abs(bf16["test_mse"] - f32["test_mse"]) <= 0.25 * f32["test_mse"]
     cfg = _cfg(mnist_dirs, tmp_path / "bf16", "train.dtype=bfloat16")
-    state = train.create_train_state(cfg, (28, 28, 1), 1)
+    state = experiment.create_train_state(cfg, (28, 28, 1), 1)
     assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.float32)}
 
 
@@ -226,7 +226,7 @@ def test_loss_is_summed_accurately_whatever_the_xla_options(synthetic_mnist):
     mean taken in float64 from the same logits, compiled either way (one long float32 sum in
     XLA:CPU's own reduction order was 4e-5 off)."""
     cfg = config.load_config(REPO / "configs" / "mnist_tied.yaml")
-    state = train.create_train_state(cfg, synthetic_mnist.image_shape, 100)
+    state = experiment.create_train_state(cfg, synthetic_mnist.image_shape, 100)
     images = jnp.asarray(synthetic_mnist.train[:128])
     logits = np.asarray(state.apply_fn({"params": state.params}, data.normalize(images)),
                         np.float64)

@@ -47,7 +47,7 @@ def test_rgb_reconstruction_error_is_the_channel_mean(tmp_path):
     np.testing.assert_allclose(err_axes[1].images[0].get_array(),
                                np.abs(x[1] - r[1]).mean(-1), rtol=1e-6)
     path = tmp_path / "r.png"
-    plots.save_reconstructions(path, x, r, title="rgb")
+    plots.save_figure(path, plots.reconstruction_figure(x, r, title="rgb"))
     png = matplotlib.image.imread(path)
     assert png.ndim == 3 and png.shape[0] > 100 and png.shape[1] > 100
     assert [p.name for p in tmp_path.iterdir()] == ["r.png"]  # no temp file left

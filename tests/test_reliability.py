@@ -230,8 +230,8 @@ def _cli(env, run_dir, *overrides, precheck: bool = True) -> subprocess.Complete
     into the full disk."""
     argv = [sys.executable, "-m", "cae.train", "--config", str(SMOKE)]
     if not precheck:
-        argv[1:3] = ["-c", "import sys; from cae import cli, rundir, train; "
-                           "rundir.Checkpointer._check_room = lambda *a: None; "
+        argv[1:3] = ["-c", "import sys; from cae import checkpoints, cli, train; "
+                           "checkpoints.Checkpointer._check_room = lambda *a: None; "
                            "cli.exit_with(train.main(sys.argv[1:]))"]
     for s in [f"output.dir={run_dir}", *TINY, *overrides]:
         argv += ["--set", s]

@@ -22,7 +22,7 @@ import pytest
 import yaml
 from conftest import MANUAL_DIR, REPO, SYNTHETIC_TRAIN, manual_dir_available
 
-from cae import config, data, rundir, train
+from cae import checkpoints, config, data, experiment, report, rundir, train
 
 SMOKE = REPO / "configs" / "smoke.yaml"
 
@@ -189,8 +189,8 @@ def test_smoke_run_produces_a_complete_run_dir(capsys, mnist_dirs, mnist, tmp_pa
     # smoke.yaml's code, 7x7x16, has as many numbers as the image: nothing to compare with PCA.
     assert summary["code_size"] == 784 and "pca_test_mse" not in summary
     # test_mse is the mean over the *whole* test split: recompute it independently here.
-    state = train.create_train_state(cfg, (28, 28, 1), 1)
-    restored, _ = rundir.Checkpointer(run).restore(2, train.state_tree(state))
+    state = experiment.create_train_state(cfg, (28, 28, 1), 1)
+    restored, _ = checkpoints.Checkpointer(run).restore(2, experiment.state_tree(state))
     state = state.replace(**restored)
     x = data.normalize(mnist.test)
     recon = np.concatenate([np.asarray(train.eval_step(state, mnist.test[i:i + 2500])[1])
@@ -344,5 +344,5 @@ def test_summary_line_reads_the_mse_against_pca_either_way(test_mse, pca, says):
     summary = {"test_mse": test_mse, "initial_test_mse": 0.2, "code_size": 32,
                "pca_test_mse": pca, "mse_ratio_to_pca": pca / test_mse, "test_psnr": 24.0,
                "num_params": 10, "train_images_per_sec": 1.0}
-    line = train.summary_line(summary)
+    line = report.summary_line(summary)
     assert says in line, line
