@@ -22,6 +22,7 @@ from typing import Any
 from cae.errors import (
     EXIT_DIVERGED,
     EXIT_INTERRUPTED,
+    EXIT_PROCESS_LOST,
     EXIT_STORAGE,
     EXIT_TERMINATED,
     EXIT_USER,
@@ -30,7 +31,7 @@ from cae.errors import (
 
 __all__ = ["CommandLineParser", "run_command", "exit_with", "add_config_flags", "Terminated",
            "terminate_promptly", "say_once", "EXIT_DIVERGED", "EXIT_USER", "EXIT_STORAGE",
-           "EXIT_INTERRUPTED", "EXIT_TERMINATED"]
+           "EXIT_PROCESS_LOST", "EXIT_INTERRUPTED", "EXIT_TERMINATED"]
 
 
 class CommandLineParser(argparse.ArgumentParser):
@@ -87,9 +88,10 @@ def exit_with(code: int) -> None:
     handlers and the interpreter's teardown: they would retry the writes that just failed
     (TensorBoard's, orbax's) and print their tracebacks after our one line, or, interrupted
     amid JAX's and orbax's threads, crash (SIGSEGV seen after SIGTERM) or wait for the other
-    processes of a job. Everything committed is on disk already (orbax waits for each save,
+    processes of a job (jax.distributed's shutdown would wait minutes for a lost one).
+    Everything committed is on disk already (orbax waits for each save,
     the other files are renamed into place)."""
-    if code not in (EXIT_STORAGE, EXIT_INTERRUPTED, EXIT_TERMINATED):
+    if code not in (EXIT_STORAGE, EXIT_PROCESS_LOST, EXIT_INTERRUPTED, EXIT_TERMINATED):
         sys.exit(code)
     sys.stdout.flush()
     sys.stderr.flush()

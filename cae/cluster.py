@@ -30,7 +30,7 @@ from cae.errors import ConfigError, RunDirError
 
 __all__ = ["BATCH_AXIS", "CLUSTER_ENV_VARS", "make_mesh", "sharding", "put",
            "maybe_initialize_distributed", "launched_as_several_processes", "is_primary",
-           "several", "all_outcomes"]
+           "several", "all_outcomes", "heartbeat_timeout_s", "HEARTBEAT_ENV"]
 
 _POLL_MS = 200  # one wait on the key-value store; signals are handled between two
 _rounds = itertools.count()  # every process goes through the same steps in the same order
@@ -66,11 +66,14 @@ def maybe_initialize_distributed() -> bool:
     # jax.distributed installs its own SIGTERM handler (preemption notices) that keeps the
     # process running; put back the one we had (cli.terminate_promptly's, or the default).
     sigterm = signal.getsignal(signal.SIGTERM)
+    # A process that stops sending heartbeats for this long is declared lost (cae.guard).
+    heartbeat = heartbeat_timeout_s()
     if env.get("JAX_COORDINATOR_ADDRESS"):
         jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"],
-                                   _env_int("JAX_NUM_PROCESSES"), _env_int("JAX_PROCESS_ID"))
+                                   _env_int("JAX_NUM_PROCESSES"), _env_int("JAX_PROCESS_ID"),
+                                   heartbeat_timeout_seconds=heartbeat)
     else:
-        jax.distributed.initialize()
+        jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat)
     if sigterm is not None and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, sigterm)
     return True
@@ -84,6 +87,20 @@ def _env_int(name: str, default: int | None = None) -> int | None:
         return int(text)
     except ValueError:
         raise ConfigError(f"${name}={text!r}: must be an integer") from None
+
+
+HEARTBEAT_ENV = "CAE_HEARTBEAT_TIMEOUT_S"
+DEFAULT_HEARTBEAT_TIMEOUT_S = 30  # JAX's own default is 100 s
+
+
+def heartbeat_timeout_s() -> int:
+    """``$CAE_HEARTBEAT_TIMEOUT_S`` (whole seconds >= 5; default 30): how long JAX's
+    coordination service waits for a silent process before it declares it lost and the others
+    stop (docs/reliability.md, *Several hosts*)."""
+    value = _env_int(HEARTBEAT_ENV, DEFAULT_HEARTBEAT_TIMEOUT_S)
+    if value < 5:
+        raise ConfigError(f"${HEARTBEAT_ENV}={value}: must be a whole number of seconds >= 5")
+    return value
 
 
 def launched_as_several_processes() -> bool:
@@ -150,7 +167,9 @@ def all_outcomes(outcome: str, step: str, timeout_s: float = 120.0) -> list[str]
                 outcomes.append(client.blocking_key_value_get(prefix + str(process),
                                                               _POLL_MS)[1:])
                 break
-            except Exception:  # DEADLINE_EXCEEDED of one short wait: look at the clock
+            except Exception as e:  # DEADLINE_EXCEEDED of one short wait: look at the clock
+                if "DEADLINE_EXCEEDED" not in str(e):
+                    raise  # the coordinator is gone (UNAVAILABLE): cae.guard's to say so
                 if time.monotonic() > deadline:
                     raise RunDirError(
                         f"process {process} did not reach '{step}' within {timeout_s:.0f} s "

@@ -3,7 +3,8 @@ of storage errors. Imports nothing of ``cae``; every other module may import it.
 
 Exit codes (README, *Reliability*): a user mistake (config, data, run dir, RUN_DIR) 2; the
 storage failing (disk full, read-only, not a directory) 3; a diverged run 1; Ctrl-C 130; SIGTERM
-143. A user-facing exception class says its own code in ``exit_code``; ``cae.cli.run_command``
+143. A process of a multi-process job lost 75 (sysexits' EX_TEMPFAIL: rerun to resume). A
+user-facing exception class says its own code in ``exit_code``; ``cae.cli.run_command``
 turns it into one ``error:`` line on stderr and that code, never a traceback.
 """
 
@@ -12,10 +13,14 @@ from __future__ import annotations
 import errno
 import os
 
-__all__ = ["EXIT_DIVERGED", "EXIT_USER", "EXIT_STORAGE", "EXIT_INTERRUPTED", "EXIT_TERMINATED",
-           "ConfigError", "RunDirError", "StorageError", "first_line", "storage_error_message"]
+__all__ = ["EXIT_DIVERGED", "EXIT_USER", "EXIT_STORAGE", "EXIT_PROCESS_LOST", "EXIT_INTERRUPTED",
+           "EXIT_TERMINATED", "ConfigError", "RunDirError", "StorageError", "ProcessLost",
+           "first_line", "storage_error_message"]
 
 EXIT_DIVERGED, EXIT_USER, EXIT_STORAGE = 1, 2, 3
+# A process of a multi-process job was lost; rerun to resume. sysexits' EX_TEMPFAIL: "a temporary
+# failure; the user is invited to retry", which schedulers can requeue on.
+EXIT_PROCESS_LOST = 75
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143  # 128 + SIGINT, 128 + SIGTERM, as shells report
 
 
@@ -35,6 +40,12 @@ class StorageError(RuntimeError):
     """Reading or writing the run's files failed (disk full, read-only, ...); one line."""
 
     exit_code = EXIT_STORAGE
+
+
+class ProcessLost(RuntimeError):
+    """Another process of this multi-process job is gone; one line (``cae.guard``)."""
+
+    exit_code = EXIT_PROCESS_LOST
 
 
 # Errors of the storage, not of our code: the message names the path and the system's reason.

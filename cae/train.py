@@ -26,7 +26,7 @@ import optax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from cae import checkpoints, cli, cluster, cpu_speed, report, rundir
+from cae import checkpoints, cli, cluster, cpu_speed, guard, report, rundir
 from cae import config as config_lib
 from cae import data as data_lib
 from cae.config import Config
@@ -393,7 +393,9 @@ def _report_set_aside(epoch: int, reason: str, moved_to: Path | None) -> None:
 def _progress(cfg: Config, total: int, desc: str):
     from tqdm.auto import tqdm
 
-    disable = None if cfg.output.progress == "auto" else not cfg.output.progress  # None: tty only
+    # "auto": a bar only on a terminal (the user's: a guarded child's stderr is the guard's pipe).
+    disable = (not guard.stderr_is_tty() if cfg.output.progress == "auto"
+               else not cfg.output.progress)
     return tqdm(total=total, desc=desc, disable=disable, leave=False, dynamic_ncols=True)
 
 
@@ -427,14 +429,25 @@ def main(argv: list[str] | None = None) -> int:
     cli.add_config_flags(parser, config_help="YAML experiment config",
                          set_help="override a config key, e.g. --set train.epochs=3 (repeatable)")
     args = parser.parse_args(argv)
+    interrupted = "interrupted: run the same command again to resume from the last checkpoint"
+    if not guard.guarded():  # one process of several: run as the guard's child (cae.guard)
+        code, several = cli.run_command(cluster.launched_as_several_processes, interrupted)
+        if code or several:
+            return code or guard.run_guarded("cae.train", sys.argv[1:] if argv is None else argv)
 
     def run():
         cluster.maybe_initialize_distributed()
         cfg = config_lib.load_config(args.config, args.set)
-        return cfg, train_and_evaluate(cfg)
+        try:
+            return cfg, train_and_evaluate(cfg)
+        except Exception as e:  # a collective whose peer is gone: one line, not a traceback
+            lost = cluster.several() and guard.lost_process_error(
+                e, jax.process_index(), jax.process_count())
+            if lost:
+                raise lost from None
+            raise
 
-    code, result = cli.run_command(
-        run, "interrupted: run the same command again to resume from the last checkpoint")
+    code, result = cli.run_command(run, interrupted)
     if code:
         return code
     cfg, summary = result
