@@ -4,17 +4,21 @@ JAX_PROCESS_ID (gloo collectives on CPU), as docs/reliability.md, *Several hosts
 (a) the same numbers as one process with 2 devices, also after resuming past a damaged
 checkpoint; (b) only process 0 writes the run dir's own files; (c) run dirs that are not shared
 are refused by every process, up front, in one line; (d) SIGTERM during a wait ends a process
-promptly.
+promptly; (e) a process lost (kill -9 of the worker, then of the coordinator) ends the other with
+one line and exit 75, and the rerun resumes to the bits of an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import REPO
@@ -53,6 +57,15 @@ def _launch(env, run_dirs, *overrides, port=None, umasks=(0o022, 0o077), process
     return procs
 
 
+def _family(pid: int) -> list[int]:
+    """``pid`` and its children (cae.guard's child runs the training)."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        children = []
+    return [pid, *map(int, children)]
+
+
 def _finish(procs, timeout=300):
     return [p.communicate(timeout=timeout) for p in procs]
 
@@ -64,9 +77,9 @@ def _kill(procs):
             p.communicate()
 
 
-def _run_job(env, run_dirs):
+def _run_job(env, run_dirs, *overrides):
     """Launch the two processes, wait for both, check both exited 0 -> [(stdout, stderr)]."""
-    procs = _launch(env, run_dirs)
+    procs = _launch(env, run_dirs, *overrides)
     try:
         outputs = _finish(procs)
     finally:
@@ -152,7 +165,8 @@ def test_sigterm_ends_a_process_waiting_for_the_other_promptly(subprocess_env, t
                 break
         else:
             pytest.fail(procs[1].communicate()[1][-3000:])
-        procs[1].send_signal(signal.SIGSTOP)
+        for pid in _family(procs[1].pid):  # the guard and its child, which trains
+            os.kill(pid, signal.SIGSTOP)
         time.sleep(3)
         t0 = time.monotonic()
         procs[0].send_signal(signal.SIGTERM)
@@ -175,3 +189,43 @@ def test_sigterm_ends_a_process_waiting_for_the_other_promptly(subprocess_env, t
         assert alone[0].returncode in (143, -signal.SIGTERM)
     finally:
         _kill(alone)
+
+
+def test_a_lost_process_ends_the_other_with_one_line_and_the_rerun_resumes(subprocess_env,
+                                                                        tmp_path):
+    env = dict(subprocess_env, CAE_HEARTBEAT_TIMEOUT_S="10")
+    epochs = "train.epochs=4"
+    reference = tmp_path / "uninterrupted"
+    _run_job(env, [reference, reference], epochs)
+    expected = json.loads((reference / "summary.json").read_text())
+    for lost, name in ((1, "process 1"), (0, "process 0")):  # the worker, then the coordinator
+        run = tmp_path / f"lost_{lost}"
+        procs = _launch(env, [run, run], epochs)
+        survivor = procs[1 - lost]
+        try:
+            for line in procs[0].stdout:  # printed once the checkpoint of epoch 1 is committed
+                if line.startswith("epoch 1/4:"):
+                    break
+            else:
+                pytest.fail(procs[0].communicate()[1][-3000:])
+            procs[lost].kill()  # kill -9: the guard and, with it, its child
+            t0 = time.monotonic()
+            _, err = survivor.communicate(timeout=180)
+            waited = time.monotonic() - t0
+        finally:
+            _kill(procs)
+        assert survivor.returncode == 75, err[-3000:]
+        assert waited < 10 + 30, waited  # at once in a collective, else the heartbeat timeout
+        lines = err.strip().splitlines()
+        assert len(lines) == 1, err[-3000:]
+        assert lines[0].startswith(f"error: {name}") and "was lost" in lines[0]
+        assert "run the same command again on every process to resume" in lines[0]
+        assert not re.search(r"Traceback|Check failure|^F\d{4} |terminate called", err, re.M)
+        assert (run / "checkpoints" / "1").is_dir() and not (run / "summary.json").exists()
+
+        outputs = _run_job(env, [run, run], epochs)  # the same command again, on both
+        for out, _ in outputs:
+            assert "resuming" in out
+        resumed = json.loads((run / "summary.json").read_text())
+        for key in ("test_mse", "train_loss", "initial_test_mse", "steps"):
+            assert resumed[key] == expected[key], (lost, key)
