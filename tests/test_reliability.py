@@ -317,6 +317,46 @@ def test_sigterm_says_its_line_exactly_once_however_long_the_unwinding(synthetic
     assert time.time() - t0 < 7.5
 
 
+_SIGTERM_IN_GC = """
+import gc, os, signal, sys, time
+from cae import cli
+
+armed = [True]
+
+
+def callback(phase, info):  # as JAX's own gc callback: Python code that runs during a collection
+    if phase == "start" and armed[0]:
+        armed[0] = False
+        os.kill(os.getpid(), signal.SIGTERM)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 0.5:  # the handler runs here, inside the callback
+            pass
+
+
+gc.callbacks.append(callback)
+
+
+def body():
+    gc.collect()
+    time.sleep(3)  # the Terminated, asked for again, arrives here
+    print("not interrupted", flush=True)
+
+
+code, _ = cli.run_command(body, "interrupted: again")
+print("code", code, flush=True)
+"""
+
+
+def test_sigterm_during_a_gc_callback_is_not_lost_or_printed_as_ignored(
+        synthetic_subprocess_env):
+    """The CI-load failure of 2026-12-07: SIGTERM's Terminated raised inside JAX's gc callback
+    was printed as "Exception ignored in ..." with a traceback, and dropped."""
+    proc = subprocess.run([sys.executable, "-c", _SIGTERM_IN_GC], env=synthetic_subprocess_env,
+                          cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert proc.stdout.splitlines() == ["code 143"], proc.stdout + proc.stderr
+    assert proc.stderr.splitlines() == ["interrupted: again"], proc.stderr
+
+
 def test_ablate_under_several_processes_is_refused_with_one_line(capsys, monkeypatch):
     monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1")
     code = ablate.main(["--config", str(REPO / "configs" / "ablation_tied_vs_untied.yaml")])
