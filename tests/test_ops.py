@@ -15,8 +15,8 @@ What is tested, against what (every check compares computed numbers; nothing is 
    kernel, (b) ``C^T vec(y)`` with the dense matrix ``C`` built entry by entry in NumPy,
    (c) a NumPy scatter-add (col2im). ``ops.conv`` equals a NumPy direct loop and ``C vec(x)``.
 3. ``conv_transpose`` equals ``jax.vjp`` of ``ops.conv`` w.r.t. its input, TensorFlow's
-   ``tf.nn.conv2d_transpose`` ("SAME"/"VALID") and, where installed, PyTorch's
-   ``conv_transpose2d`` (optional cross-check).
+   ``tf.nn.conv2d_transpose`` ("SAME"/"VALID") and PyTorch's ``conv_transpose2d`` (installed
+   by CI; ``tests/torch_import.py``). N-D, groups and dilation: ``tests/test_ops_nd.py``.
 4. The custom VJPs: gradients w.r.t. y and kernel equal autodiff of plain
    ``lax.conv_transpose`` (``AUTODIFF``) and NumPy references; ``check_grads`` to
    order 2 (reverse mode; ``custom_vjp`` has no forward mode); the gradient's program really is
@@ -48,6 +48,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax import lax
 from jax.test_util import check_grads
+from torch_import import import_torch
 
 from cae import cpu_speed, ops
 
@@ -487,9 +488,9 @@ TORCH_CASES = [  # (kernel, stride, symmetric padding, output_padding, y_hw)
 @pytest.mark.parametrize("impl", IMPL_PARAMS)
 @pytest.mark.parametrize("k,s,p,op,y_hw", TORCH_CASES)
 def test_matches_torch_conv_transpose2d(k, s, p, op, y_hw, impl):
-    """Optional cross-check: torch weight [C_out(=y channels), C_in, kh, kw] is our HWIO kernel
-    transposed (3, 2, 0, 1); torch's output_padding is ours."""
-    torch = pytest.importorskip("torch")
+    """torch weight [C_out(=y channels), C_in, kh, kw] is our HWIO kernel transposed
+    (3, 2, 0, 1); torch's output_padding is ours. Runs in CI (tests/torch_import.py)."""
+    torch = import_torch()
     rng = np.random.default_rng(k * 100 + s * 10 + p)
     y = rng.standard_normal((2, *y_hw, 4)).astype(np.float32)
     kernel = rng.standard_normal((k, k, 3, 4)).astype(np.float32)
