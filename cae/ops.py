@@ -80,6 +80,7 @@ import contextvars
 import dataclasses
 import functools
 import itertools
+import math
 from collections.abc import Callable, Sequence
 
 import jax
@@ -507,7 +508,8 @@ def _conv_cotangents(strides, pads, dilation, groups, x, kernel, g, x_for_kernel
     op = output_padding_for(x.shape[1:-1], khw, strides, pads, dilation)  # rows no window reached
     # C^T g by the form conv_transpose's default would pick for this shape; forward-only, as
     # this backward is itself differentiated (second order) through plain convs.
-    c_transpose = IMPLEMENTATIONS[choose_impl(kernel.shape, strides, dilation, groups)]
+    c_transpose = IMPLEMENTATIONS[choose_impl(kernel.shape, strides, dilation, groups,
+                                              out_shape=x.shape)]
     g_x = c_transpose.forward_only(g, kernel, strides, pads, op, dilation, groups).astype(x.dtype)
     g_k = _kernel_cotangent(x_for_kernel, g, khw, strides, pads, kernel.dtype, dilation, groups)
     return g_x, g_k
@@ -740,11 +742,73 @@ def _subpixel_phasewise(y, kernel, strides, pads, op, dilation, groups):
     return _subpixel(y, kernel, strides, pads, op, dilation, groups, _phase_conv)
 
 
+def _im2col(g, kernel_sp, strides, pads, out_sp, dilation):
+    """g [N, *spatial, C] -> [N, *out_sp, T, C], T = prod(k): the entry ``g[n, o*s + t*d - lo]``
+    (zero outside g) for every output position o and kernel tap t (taps in C order). The
+    patches a strided conv reads; ``C g`` is these times the kernel, one GEMM."""
+    lo = [p[0] for p in pads]
+    # Pad after by what the last tap of the last window reads beyond g (crop never needed:
+    # the slices stop there).
+    hi = [max((o - 1) * s + (k - 1) * d - lo_ - (h - 1), 0)
+          for o, s, k, d, lo_, h in zip(out_sp, strides, kernel_sp, dilation, lo, g.shape[1:-1])]
+    gp = jnp.pad(g, ((0, 0), *zip(lo, hi), (0, 0)))
+    cols = [gp[(slice(None), *(slice(t * d, t * d + (o - 1) * s + 1, s)
+                                for t, d, o, s in zip(taps, dilation, out_sp, strides)))]
+            for taps in itertools.product(*(range(k) for k in kernel_sp))]
+    return jnp.stack(cols, axis=-2)
+
+
+def _grouped(a, groups: int):
+    """[..., C] -> [..., groups, C // groups] (the block layout of feature_group_count)."""
+    return a.reshape(*a.shape[:-1], groups, a.shape[-1] // groups)
+
+
+def _gemm_forward(y, kernel, strides, pads, op, dilation, groups):
+    """The scatter recipe as one GEMM: ``z[n, o, t, ci] = sum_co y[n, o, co] K[t, ci, co]``
+    ([N*H', C_out] times [C_out, T*C_in]), then each tap's slab added at its offset ``o*s +
+    t*d - lo`` of x (col2im: the linear transpose of :func:`_im2col`, pads and adds). XLA:CPU
+    runs these GEMMs well by default where its 3-D convolutions are slow (BENCHMARKS.md,
+    "Plain jax.jit vs PyTorch")."""
+    nd = y.ndim - 2
+    k_sp = kernel.shape[:nd]
+    x_sp = [conv_transpose_output_size(h, k, s, p, o, d)
+            for h, k, s, p, o, d in zip(y.shape[1:-1], k_sp, strides, pads, op, dilation)]
+    t = math.prod(k_sp)
+    kr = _grouped(kernel.reshape(t, *kernel.shape[-2:]), groups)  # [T, C_in/G, G, C_out/G]
+    z = jnp.einsum("...gO,tcgO->...tgc", _grouped(y, groups), kr,
+                   preferred_element_type=accumulation_type(y, kernel))
+    # z stays in the accumulation type through col2im's adds (up to prod(k) terms per entry).
+    z = z.reshape(*y.shape[:-1], t, -1)
+    x_struct = jax.ShapeDtypeStruct((y.shape[0], *x_sp, z.shape[-1]), z.dtype)
+    col2im = jax.linear_transpose(
+        lambda g: _im2col(g, k_sp, strides, pads, y.shape[1:-1], dilation), x_struct)
+    return col2im(z)[0].astype(jnp.result_type(y, kernel))
+
+
+def _gemm_cotangents(strides, pads, op, dilation, groups, res, g):
+    """The adjoint of ``_gemm_forward``, step by step: the patches of g at y's positions
+    (``_im2col``, the transpose of col2im), then ``g_y = patches . K`` and ``g_K = patches^T
+    . y``, two GEMMs sharing one im2col (``g_y`` is ``C g``, as in the shared backward)."""
+    del op
+    y, kernel = res
+    nd = y.ndim - 2
+    k_sp = kernel.shape[:nd]
+    t = math.prod(k_sp)
+    patches = _grouped(_im2col(g, k_sp, strides, pads, y.shape[1:-1], dilation), groups)
+    kr = _grouped(kernel.reshape(t, *kernel.shape[-2:]), groups)
+    acc = accumulation_type(g, y, kernel)
+    g_y = jnp.einsum("...tgc,tcgO->...gO", patches, kr, preferred_element_type=acc)
+    g_k = jnp.einsum("...tgc,...gO->tcgO", patches, _grouped(y, groups),
+                     preferred_element_type=acc)
+    return (g_y.reshape(y.shape).astype(y.dtype), g_k.reshape(kernel.shape).astype(kernel.dtype))
+
+
 IMPLEMENTATIONS: dict[str, Implementation] = {
     "subpixel": Implementation.from_forward(_subpixel_forward),
     "subpixel_phasewise": Implementation(with_vjp=_subpixel_phasewise,
                                          forward_only=_subpixel_forward),
     "zero_insertion": Implementation.from_forward(_zero_insertion),
+    "gemm": Implementation.from_forward(_gemm_forward, _gemm_cotangents),
 }
 AUTO = "auto"  # choose_impl per layer shape, at trace time
 DEFAULT_IMPL = AUTO
@@ -756,18 +820,32 @@ DEFAULT_IMPL = AUTO
 _SUBPIXEL_MIN_CHANNELS = 8
 
 
-def choose_impl(kernel_shape: Sequence[int], strides=1, dilation=1, groups: int = 1) -> str:
+# choose_impl: "gemm" materialises prod(k) copies of the layer's output (its im2col); above
+# this many elements (256 MiB of float32) the sub-pixel form is used instead.
+_GEMM_MAX_ELEMENTS = 2**26
+
+
+def choose_impl(kernel_shape: Sequence[int], strides=1, dilation=1, groups: int = 1, *,
+                out_shape: Sequence[int] | None = None) -> str:
     """The implementation ``impl="auto"`` (the default) uses for a kernel
-    ``[*k, C_in // groups, C_out]``, strides and dilation: for strided, undilated layers with
-    at least 8 output channels per group (the kernel's ``C_in // groups`` axis) the sub-pixel
-    form, "subpixel_phasewise" where each stride divides its kernel size (k=4, s=2) and
-    "subpixel" otherwise (k=3, s=2); else "zero_insertion" (with stride 1 there are no zeros to
-    avoid and both are one convolution; a dilated kernel's sub-pixel phases would multiply
-    its inserted zeros)."""
+    ``[*k, C_in // groups, C_out]``, strides and dilation (``out_shape``: the transposed conv's
+    output ``[N, *spatial, C_in]``, when known):
+
+    * 3 spatial dims: "gemm" (XLA:CPU's 3-D convolutions are slow, its GEMMs are not), unless
+      its im2col would exceed 2^26 elements;
+    * strided, undilated layers with at least 8 output channels per group (the kernel's
+      ``C_in // groups`` axis): the sub-pixel form, "subpixel_phasewise" where each stride
+      divides its kernel size (k=4, s=2) and "subpixel" otherwise (k=3, s=2);
+    * else "zero_insertion" (with stride 1 there are no zeros to avoid and both are one
+      convolution; a dilated kernel's sub-pixel phases would multiply its inserted zeros).
+    """
     nd = len(kernel_shape) - 2
     s = _strides(strides, nd)
     d = _dilation(dilation, nd)
-    del groups  # the rule reads the per-group channel count, kernel_shape[-2]
+    del groups  # the rules read the per-group channel count, kernel_shape[-2]
+    if nd == 3 and (out_shape is None
+                    or math.prod(out_shape) * math.prod(kernel_shape[:nd]) <= _GEMM_MAX_ELEMENTS):
+        return "gemm"
     if max(s) > 1 and max(d) == 1 and kernel_shape[-2] >= _SUBPIXEL_MIN_CHANNELS:
         if all(k % st == 0 for k, st in zip(kernel_shape[:nd], s)):
             return "subpixel_phasewise"
@@ -808,7 +886,8 @@ def conv_transpose(y: jax.Array, kernel: jax.Array, strides=1, padding: PaddingL
                 for h, k, st, p, o, dd in zip(y.shape[1:-1], khw, s, pads, op, d)]
         if g == 1 and d == (1,) * nd and _covers_input(x_hw, khw, pads):
             return _dense_conv_transpose(y, kernel)  # the forward conv is fully connected: W^T
-        impl = choose_impl(kernel.shape, s, d, g)
+        impl = choose_impl(kernel.shape, s, d, g,
+                           out_shape=(y.shape[0], *x_hw, kernel.shape[-2] * g))
     if not isinstance(impl, Implementation):
         impl = IMPLEMENTATIONS[impl]
     return impl.with_vjp(y, kernel, s, pads, op, d, g)

@@ -638,9 +638,13 @@ def test_gradient_is_the_custom_backward(impl):
     a conv permute its dimension numbers (the autodiff baseline's gradient has such convs),
     while every custom backward keeps all its convs in the canonical NHWC/HWIO layout (the
     layout that stays fast inside lax.scan on CPU). The shared backward computes the y cotangent
-    as one strided conv ``C g``; "subpixel_phasewise" as s*s stride-1 convs, none strided."""
+    as one strided conv ``C g``; "subpixel_phasewise" as s*s stride-1 convs, none strided;
+    "gemm" as GEMMs only (no convolution anywhere)."""
     canonical = lax.conv_dimension_numbers((1, 1, 1, 1), (1, 1, 1, 1), DN)
     convs = _grad_convs(impl)
+    if impl == "gemm":
+        assert convs == []
+        return
     layouts = [e.params["dimension_numbers"] == canonical for e in convs]
     strided = [e for e in convs if tuple(e.params["window_strides"]) == JAXPR_CASE.s]
     if impl is AUTODIFF:
@@ -799,9 +803,10 @@ ERROR_CASES = [
     ("ct_padding_too_large", lambda: ops.conv_transpose(_Y, _K, 1, 4),
      r"conv_transpose output H would be -2 < 1 .*reduce the padding"),
     ("unknown_impl", lambda: ops.conv_transpose(_Y, _K, 1, 1, impl="fft"),
-     r"impl='fft': allowed are \['auto', 'subpixel', 'subpixel_phasewise', 'zero_insertion'\]"),
+     r"impl='fft': allowed are \['auto', 'gemm', 'subpixel', 'subpixel_phasewise', "
+     r"'zero_insertion'\]"),
     ("comparison_only_impl_by_name", lambda: ops.conv_transpose(_Y, _K, 2, 1, impl="lax"),
-     r"impl='lax': allowed are \['auto', 'subpixel'"),
+     r"impl='lax': allowed are \['auto', 'gemm', 'subpixel'"),
 ]
 
 
