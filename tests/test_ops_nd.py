@@ -454,7 +454,11 @@ def test_padding_forms_per_axis():
 
 def test_choose_impl_with_dilation_and_groups():
     assert ops.choose_impl((3, 8, 16), 2) == "subpixel"  # 1-D
-    assert ops.choose_impl((4, 4, 4, 8, 16), 2) == "subpixel_phasewise"  # 3-D, s divides k
+    assert ops.choose_impl((4, 4, 4, 8, 16), 2) == "gemm"  # 3-D
+    assert ops.choose_impl((3, 3, 3, 8, 16), 1, 2, out_shape=(8, 16, 16, 16, 8)) == "gemm"
+    # ... unless its im2col (output size times prod(k)) exceeds 2^26 elements
+    assert ops.choose_impl((4, 4, 4, 8, 16), 2, out_shape=(8, 64, 64, 64, 8)) == \
+        "subpixel_phasewise"
     assert ops.choose_impl((3, 3, 8, 16), 2, dilation=2) == "zero_insertion"
     assert ops.choose_impl((3, 3, 8, 16), 2, groups=2) == "subpixel"  # 8 channels per group
     assert ops.choose_impl((3, 3, 4, 16), 2, groups=4) == "zero_insertion"
