@@ -1,6 +1,10 @@
-"""Strided 2-D convolution ``C`` and its exact adjoint ``C^T`` (the transposed convolution).
+"""Strided convolution ``C`` and its exact adjoint ``C^T`` (the transposed convolution), over 1,
+2 or 3 spatial dims, with dilation and groups.
 
-Layouts are Flax's: activations NHWC, kernels HWIO (``[kh, kw, C_in, C_out]``).
+Layouts are Flax's: activations channels-last (NWC, NHWC, NDHWC), kernels ``[*k, C_in // groups,
+C_out]`` (HWIO in 2-D). PyTorch's weight for the same layer is the kernel moved to ``[C_out,
+C_in // groups, *k]``, for ``conv{N}d`` and ``conv_transpose{N}d`` alike. The derivation below is
+written for one spatial axis and no groups; every axis works the same way, independently.
 
 The one idea in this file
 -------------------------
@@ -35,6 +39,15 @@ floor in the formula above). The transposed convolution cannot know which one wa
 
 ``output_padding_for`` computes the value that restores a given input size.
 
+Dilation ``d`` puts the taps ``d`` apart: read ``K[j]`` at offset ``j*d`` (``k`` becomes the
+extent ``(k - 1) * d + 1`` in every size formula). PyTorch then allows ``output_padding`` up to
+``max(s, d) - 1``: rows beyond the ``s`` sizes with the same ``H'``, still reached by a tap;
+``conv_transpose`` is then the adjoint of ``conv`` cropped to ``H'`` outputs.
+Groups ``G`` split ``C_in`` and ``C_out`` into ``G`` contiguous blocks, output block ``i`` reading
+input block ``i`` only (``feature_group_count``); the transposed conv swaps in/out *within* each
+block (``gather_kernel``), and the kernel cotangent pairs x's block ``i`` with g's block ``i``
+(``batch_group_count``).
+
 "SAME" and "VALID"
 ------------------
 ``"VALID"`` is explicit padding ``(0, 0)``. ``"SAME"`` is TensorFlow's rule: ``H' = ceil(H / s)``
@@ -53,6 +66,10 @@ stride-1 conv).
 ``"subpixel"``: the sub-pixel recipe.
 ``"subpixel_phasewise"``: the same forward, differentiated phase by phase (each phase's stride-1
 conv has its own custom VJP; the backward is s*s stride-1 convs, never a strided one).
+
+``"gemm"``: the scatter recipe as one GEMM (``y`` times the kernel, ``[N*H', C_out] x [C_out,
+k*C_in]``) and col2im (each tap's slab added at its offset); its backward is the im2col of the
+cotangent and two GEMMs. ``auto``'s pick in 3-D, where XLA:CPU's convolutions are slow.
 
 "zero_insertion" and "subpixel" share one custom VJP (``conv_transpose_cotangents``): ``C g``
 for ``y`` and one backward-filter conv for the kernel, whatever computed the forward. All compute

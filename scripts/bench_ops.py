@@ -479,7 +479,9 @@ def main(argv=None):
         "torch_threads": torch.get_num_threads() if torch is not None else None,
         "batch": args.batch,
         "reps": args.reps,
-        "xla_options": {} if args.xla_default else cpu_speed.xla_compiler_options(),
+        "xla_options": ("defaults (plain jax.jit); '+fast' columns: compile_fast"
+                        if args.plain_jit else
+                        {} if args.xla_default else cpu_speed.xla_compiler_options()),
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
     }
     print(f"# machine: {info['cpu']} ({info['cores']} cores), {info['platform']}")
@@ -488,7 +490,8 @@ def main(argv=None):
     if torch is not None:
         print(f"# torch {info['torch']} ({info['torch_threads']} threads)")
     if args.plain_jit:
-        info["xla_options"] = "defaults (plain jax.jit); '+fast' columns: compile_fast"
+        info["load_average"] = os.getloadavg()  # timings on a shared machine: say how shared
+        print(f"# load average (1, 5, 15 min): {info['load_average']}")
         results = plain_jit_main(args, torch)
         if args.json:
             with open(args.json, "w") as f:
