@@ -71,9 +71,9 @@ against PyTorch's ``conv_transpose{1,2,3}d`` forward + ``backward()`` with
 ``torch.set_num_threads(2)`` in the same process, at ``PLAIN_JIT_PROBLEMS``: the default
 decoder's three layers, a 16x16x64 k=4 layer (batch 128), a 1-D and a 3-D layer. Columns: each
 ``impl`` under plain jit, ``autodiff`` (JAX's own gradient of the ``lhs_dilation`` conv),
-``auto+fast`` (``auto`` compiled with ``cpu_speed.compile_fast``: our options) and ``torch``;
-every figure's ratio is to torch's best in the same run. Gradients are checked against
-torch's before timing.
+``auto+fast`` (``auto`` compiled with ``cpu_speed.compile_fast``: our options), ``torch_1t``
+(torch on one thread: context on a loaded machine) and ``torch``; every figure's ratio is to
+torch's best in the same run. Gradients are checked against torch's before timing.
 """
 
 from __future__ import annotations
@@ -343,7 +343,8 @@ PLAIN_JIT_PROBLEMS = {
     "1d_512": ((32, 512, 128), (4, 64, 128), 2, 1, 0),
     "3d_8": ((8, 8, 8, 8, 64), (3, 3, 3, 32, 64), 2, 1, 1),
 }
-PLAIN_JIT_METHODS = ("auto", *sorted(ops.IMPLEMENTATIONS), "autodiff", "auto+fast", "torch")
+PLAIN_JIT_METHODS = ("auto", *sorted(ops.IMPLEMENTATIONS), "autodiff", "auto+fast", "torch_1t",
+                     "torch")
 
 
 def _plain_jit_step(method, s, p, op, y, k):
@@ -376,11 +377,20 @@ def _plain_jit_torch(torch, s, p, op, y, k):
     return run, grads
 
 
+def _torch_one_thread(torch, run):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run()
+    finally:
+        torch.set_num_threads(threads)
+
+
 def plain_jit_main(args, torch):
-    methods = [m for m in PLAIN_JIT_METHODS if m != "torch" or torch is not None]
+    methods = [m for m in PLAIN_JIT_METHODS if not m.startswith("torch") or torch is not None]
     if args.impls != ",".join(ALL_METHODS):  # --impls given: a subset of this mode's methods
         wanted = {m.strip() for m in args.impls.split(",")}
-        methods = [m for m in methods if m in wanted or m == "torch"]
+        methods = [m for m in methods if m in wanted or m.startswith("torch")]
     problems_ = PLAIN_JIT_PROBLEMS
     if args.problems:
         problems_ = {k: v for k, v in problems_.items() if k in args.problems.split(",")}
@@ -396,9 +406,15 @@ def plain_jit_main(args, torch):
         thunks, ref = {}, None
         if torch is not None:
             thunks["torch"], ref = _plain_jit_torch(torch, s, p, op, y, k)
+            if "torch_1t" in methods:
+                # The same torch step on one thread: on a loaded 2-vCPU machine torch's two
+                # OpenMP threads wait on each other at every barrier, so its 2-thread time can
+                # exceed its 1-thread time; this column shows when that happened.
+                thunks["torch_1t"] = functools.partial(_torch_one_thread, torch,
+                                                       thunks["torch"])
         yj, kj = jnp.asarray(y), jnp.asarray(k)
         for m in methods:
-            if m == "torch":
+            if m.startswith("torch"):
                 continue
             thunks[m] = _plain_jit_step(m, s, p, op, yj, kj)
             grads = thunks[m]()  # compiles; the gradients (dy, dk)
