@@ -515,7 +515,8 @@ def _conv_fwd(x, kernel, strides, pads, dilation, groups):
     return _conv_explicit(x, kernel, strides, pads, dilation, groups), (x, kernel)
 
 
-def _conv_cotangents(strides, pads, dilation, groups, x, kernel, g, x_for_kernel):
+def _conv_cotangents(strides, pads, dilation, groups, x, kernel, g, x_for_kernel,
+                     kernel_cotangent=None):
     """The input cotangent is C^T g (the transposed conv, with the output padding that gives
     back x's size); the kernel cotangent is the correlation of ``x_for_kernel`` (x's value)
     with g. Same values as JAX's autodiff of ``lax.conv_general_dilated``, but in a layout that
@@ -528,7 +529,9 @@ def _conv_cotangents(strides, pads, dilation, groups, x, kernel, g, x_for_kernel
     c_transpose = IMPLEMENTATIONS[choose_impl(kernel.shape, strides, dilation, groups,
                                               out_shape=x.shape)]
     g_x = c_transpose.forward_only(g, kernel, strides, pads, op, dilation, groups).astype(x.dtype)
-    g_k = _kernel_cotangent(x_for_kernel, g, khw, strides, pads, kernel.dtype, dilation, groups)
+    if kernel_cotangent is None:  # 3-D: XLA:CPU's backward-filter conv is ~5x its GEMM's time
+        kernel_cotangent = _kernel_cotangent_gemm if nd == 3 else _kernel_cotangent
+    g_k = kernel_cotangent(x_for_kernel, g, khw, strides, pads, kernel.dtype, dilation, groups)
     return g_x, g_k
 
 
@@ -560,6 +563,24 @@ def _phase_conv_bwd(pads, dilation, groups, res, g):
 
 
 _phase_conv.defvjp(_phase_conv_fwd, _phase_conv_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _phase_conv_gemm(y, sub_kernel, pads, dilation, groups):
+    """``_phase_conv`` whose kernel cotangent is an im2col GEMM (``_kernel_cotangent_gemm``)
+    instead of a backward-filter conv: that conv's window is the whole phase image (16x16 for
+    a 32x32 output) and XLA:CPU's default (YNNPACK) convolutions run such a window slowly
+    (BENCHMARKS.md, "Plain jax.jit vs PyTorch")."""
+    return _conv_explicit(y, sub_kernel, (1,) * (y.ndim - 2), pads, dilation, groups)
+
+
+def _phase_conv_gemm_bwd(pads, dilation, groups, res, g):
+    ones = (1,) * (res[0].ndim - 2)
+    return _conv_cotangents(ones, pads, dilation, groups, *res, g, res[0],
+                            kernel_cotangent=_kernel_cotangent_gemm)
+
+
+_phase_conv_gemm.defvjp(_phase_conv_fwd, _phase_conv_gemm_bwd)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -606,6 +627,18 @@ def _kernel_cotangent(x, g, kernel_hw, strides, pads, dtype, dilation=None, grou
     )  # [C_in // groups, *k, C_out]
     assert dk.shape[1:-1] == tuple(kernel_hw), (dk.shape, kernel_hw)
     return jnp.transpose(dk, (*range(1, nd + 1), 0, nd + 1)).astype(dtype)
+
+
+def _kernel_cotangent_gemm(x, g, kernel_hw, strides, pads, dtype, dilation=None,
+                           groups: int = 1):
+    """The sum of ``_kernel_cotangent`` as im2col and one GEMM: the patches of x at g's
+    positions ``[N*H', T, C_in]`` contracted with g ``[N*H', C_out]`` over ``N*H'``."""
+    nd = x.ndim - 2
+    dilation = (1,) * nd if dilation is None else tuple(dilation)
+    patches = _grouped(_im2col(x, kernel_hw, strides, pads, g.shape[1:-1], dilation), groups)
+    dk = jnp.einsum("...tgc,...gO->tcgO", patches, _grouped(g, groups),
+                    preferred_element_type=accumulation_type(x, g))
+    return dk.reshape(*kernel_hw, x.shape[-1] // groups, g.shape[-1]).astype(dtype)
 
 
 def conv_transpose_cotangents(strides, pads, op, dilation, groups, res, g):
@@ -820,12 +853,21 @@ def _gemm_cotangents(strides, pads, op, dilation, groups, res, g):
     return (g_y.reshape(y.shape).astype(y.dtype), g_k.reshape(kernel.shape).astype(kernel.dtype))
 
 
+def _subpixel_phasewise_gemm(y, kernel, strides, pads, op, dilation, groups):
+    """"subpixel_phasewise" with each phase's kernel cotangent as an im2col GEMM
+    (``_phase_conv_gemm``): faster under XLA's default options (a plain ``jax.jit``), slower
+    under ``cpu_speed.compile_fast`` (BENCHMARKS.md, "Plain jax.jit vs PyTorch")."""
+    return _subpixel(y, kernel, strides, pads, op, dilation, groups, _phase_conv_gemm)
+
+
 IMPLEMENTATIONS: dict[str, Implementation] = {
     "subpixel": Implementation.from_forward(_subpixel_forward),
     "subpixel_phasewise": Implementation(with_vjp=_subpixel_phasewise,
                                          forward_only=_subpixel_forward),
     "zero_insertion": Implementation.from_forward(_zero_insertion),
     "gemm": Implementation.from_forward(_gemm_forward, _gemm_cotangents),
+    "subpixel_phasewise_gemm": Implementation(with_vjp=_subpixel_phasewise_gemm,
+                                              forward_only=_subpixel_forward),
 }
 AUTO = "auto"  # choose_impl per layer shape, at trace time
 DEFAULT_IMPL = AUTO
@@ -851,8 +893,11 @@ def choose_impl(kernel_shape: Sequence[int], strides=1, dilation=1, groups: int 
     * 3 spatial dims: "gemm" (XLA:CPU's 3-D convolutions are slow, its GEMMs are not), unless
       its im2col would exceed 2^26 elements;
     * strided, undilated layers with at least 8 output channels per group (the kernel's
-      ``C_in // groups`` axis): the sub-pixel form, "subpixel_phasewise" where each stride
-      divides its kernel size (k=4, s=2) and "subpixel" otherwise (k=3, s=2);
+      ``C_in // groups`` axis): the sub-pixel form; where each stride divides its kernel size
+      (k=4, s=2) "subpixel_phasewise", in 2-D "subpixel_phasewise_gemm" (its phase kernel
+      cotangents as GEMMs: 1.7x faster under a plain ``jax.jit``, and no shipped config has
+      such a layer for ``cpu_speed.compile_fast``, under which it is slower); otherwise
+      (k=3, s=2) "subpixel";
     * else "zero_insertion" (with stride 1 there are no zeros to avoid and both are one
       convolution; a dilated kernel's sub-pixel phases would multiply its inserted zeros).
     """
@@ -865,7 +910,7 @@ def choose_impl(kernel_shape: Sequence[int], strides=1, dilation=1, groups: int 
         return "gemm"
     if max(s) > 1 and max(d) == 1 and kernel_shape[-2] >= _SUBPIXEL_MIN_CHANNELS:
         if all(k % st == 0 for k, st in zip(kernel_shape[:nd], s)):
-            return "subpixel_phasewise"
+            return "subpixel_phasewise_gemm" if nd == 2 else "subpixel_phasewise"
         return "subpixel"
     return "zero_insertion"
 

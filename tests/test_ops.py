@@ -651,7 +651,8 @@ def test_gradient_is_the_custom_backward(impl):
         assert not all(layouts)
         return
     assert all(layouts), [e.params["dimension_numbers"] for e in convs]
-    assert len(strided) == (0 if impl == "subpixel_phasewise" else 1)
+    assert len(strided) == (0 if impl in ("subpixel_phasewise", "subpixel_phasewise_gemm")
+                            else 1)
 
 
 @pytest.mark.parametrize("impl", JAXPR_PARAMS)
@@ -804,7 +805,7 @@ ERROR_CASES = [
      r"conv_transpose output H would be -2 < 1 .*reduce the padding"),
     ("unknown_impl", lambda: ops.conv_transpose(_Y, _K, 1, 1, impl="fft"),
      r"impl='fft': allowed are \['auto', 'gemm', 'subpixel', 'subpixel_phasewise', "
-     r"'zero_insertion'\]"),
+     r"'subpixel_phasewise_gemm', 'zero_insertion'\]"),
     ("comparison_only_impl_by_name", lambda: ops.conv_transpose(_Y, _K, 2, 1, impl="lax"),
      r"impl='lax': allowed are \['auto', 'gemm', 'subpixel'"),
 ]
@@ -934,7 +935,7 @@ def test_auto_impl_is_the_chosen_impl_exactly():
     assert ops.DEFAULT_IMPL == "auto"
     assert ops.choose_impl((3, 3, 32, 64), 2) == "subpixel"   # the default decoder's dec2
     assert ops.choose_impl((3, 3, 64, 16), (2, 2)) == "subpixel"
-    assert ops.choose_impl((4, 4, 64, 64), 2) == "subpixel_phasewise"  # s divides k
+    assert ops.choose_impl((4, 4, 64, 64), 2) == "subpixel_phasewise_gemm"  # s divides k
     assert ops.choose_impl((4, 3, 64, 64), 2) == "subpixel"  # ... along both axes only
     assert ops.choose_impl((3, 3, 1, 32), 2) == "zero_insertion"   # C_in = 1: the last layer
     assert ops.choose_impl((3, 3, 32, 64), 1) == "zero_insertion"  # stride 1: no zeros to avoid
