@@ -462,14 +462,17 @@ def main(argv=None):
         args.reps = 20 if args.plain_jit else 30
 
     methods = [m.strip() for m in args.impls.split(",") if m.strip()]
-    unknown = sorted(set(methods) - set(ALL_METHODS))
+    allowed = PLAIN_JIT_METHODS if args.plain_jit else ALL_METHODS
+    unknown = sorted(set(methods) - set(allowed))
     if unknown:
-        ap.error(f"unknown --impls {unknown}; allowed: {', '.join(ALL_METHODS)}")
+        ap.error(f"unknown --impls {unknown}; allowed: {', '.join(allowed)}")
     if BASELINE not in methods:
         methods.append(BASELINE)
     # Baseline first: the others are checked against its gradients.
     methods = [BASELINE] + [m for m in ALL_METHODS if m in methods and m != BASELINE]
     torch = None
+    if args.plain_jit and not args.no_torch:  # --plain-jit's --impls name JAX methods only
+        methods.append("torch")
     if "torch" in methods:
         if args.no_torch:
             methods.remove("torch")
