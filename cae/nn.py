@@ -1,4 +1,5 @@
-"""Flax (Linen) layers over :mod:`cae.ops`, with PyTorch's constructor meaning.
+"""Flax layers over :mod:`cae.ops` (Linen: ``Conv``, ``ConvTranspose``; NNX: ``NNXConv``,
+``NNXConvTranspose``), with PyTorch's constructor meaning.
 
 ``Conv`` and ``ConvTranspose`` are PyTorch's ``Conv{1,2,3}d`` / ``ConvTranspose{1,2,3}d`` in
 channels-last layout: the number of spatial dims is ``len(kernel_size)`` (an int
@@ -35,10 +36,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from cae import cpu_speed, ops
 
-__all__ = ["Conv", "ConvTranspose", "kernel_from_torch", "kernel_to_torch", "torch_uniform"]
+__all__ = ["Conv", "ConvTranspose", "NNXConv", "NNXConvTranspose", "kernel_from_torch",
+           "kernel_to_torch", "torch_uniform"]
 
 
 def torch_uniform(fan_in_axes: Sequence[int]) -> Callable:
@@ -203,3 +206,95 @@ class ConvTranspose(nn.Module):
         module = cls(m.out_channels, tuple(m.kernel_size), tuple(m.stride), _torch_padding(m),
                      tuple(m.output_padding), tuple(m.dilation), m.groups, m.bias is not None)
         return module, _variables(m)
+
+
+# ----------------------------------------------------------------------------------------------
+# Flax NNX
+# ----------------------------------------------------------------------------------------------
+
+
+def _nnx_kernel_size(kernel_size, num_spatial_dims: int) -> tuple[int, ...]:
+    if isinstance(kernel_size, int):
+        return (kernel_size,) * num_spatial_dims
+    return tuple(int(k) for k in kernel_size)
+
+
+class NNXConv(nnx.Module):
+    """PyTorch's ``Conv{N}d(in_features, out_features, kernel_size, stride, padding, dilation,
+    groups, bias)`` as a Flax NNX module on channels-last input. N = ``len(kernel_size)``, or
+    ``num_spatial_dims`` (default 2) for an int ``kernel_size``. ``self.kernel``:
+    ``nnx.Param`` ``[*k, in_features // groups, out_features]``; ``self.bias``:
+    ``[out_features]`` or None."""
+
+    def __init__(self, in_features: int, out_features: int, kernel_size, stride=1, padding=0,
+                 dilation=1, groups: int = 1, use_bias: bool = True, *, rngs: nnx.Rngs,
+                 num_spatial_dims: int = 2, param_dtype=jnp.float32):
+        if in_features % groups or out_features % groups:
+            raise ValueError(f"groups={groups}: in_features={in_features} and "
+                             f"out_features={out_features} must both be divisible by groups")
+        k = _nnx_kernel_size(kernel_size, num_spatial_dims)
+        shape = (*k, in_features // groups, out_features)
+        fan_in = math.prod(shape[:-1])
+        init = torch_uniform(())
+        self.kernel = nnx.Param(init(rngs.params(), shape, param_dtype, fan_in))
+        self.bias = (nnx.Param(init(rngs.params(), (out_features,), param_dtype, fan_in))
+                     if use_bias else None)
+        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = ops.conv(x, self.kernel[...], self.stride, self.padding, dilation=self.dilation,
+                     groups=self.groups)
+        return y if self.bias is None else cpu_speed.add_bias(y, self.bias[...])
+
+    @classmethod
+    def from_torch(cls, m, *, rngs: nnx.Rngs | None = None) -> NNXConv:
+        """A ``torch.nn.Conv{1,2,3}d`` -> ``NNXConv`` with its weights."""
+        _check_zeros_mode(m)
+        layer = cls(m.in_channels, m.out_channels, tuple(m.kernel_size), tuple(m.stride),
+                    _torch_padding(m), tuple(m.dilation), m.groups, m.bias is not None,
+                    rngs=rngs or nnx.Rngs(0))
+        for name, value in _variables(m)["params"].items():
+            getattr(layer, name)[...] = value
+        return layer
+
+
+class NNXConvTranspose(nnx.Module):
+    """PyTorch's ``ConvTranspose{N}d(in_features, out_features, kernel_size, stride, padding,
+    output_padding, groups, bias, dilation)`` as a Flax NNX module on channels-last input.
+    ``self.kernel``: ``nnx.Param`` ``[*k, out_features // groups, in_features]``, the kernel of
+    the conv ``out_features -> in_features`` it is the adjoint of. Tie it to an ``NNXConv``
+    ``c`` by sharing the parameter: ``layer.kernel = c.kernel`` (one ``nnx.Param``, two uses)."""
+
+    def __init__(self, in_features: int, out_features: int, kernel_size, stride=1, padding=0,
+                 output_padding=0, groups: int = 1, use_bias: bool = True, dilation=1, *,
+                 rngs: nnx.Rngs, num_spatial_dims: int = 2, param_dtype=jnp.float32,
+                 impl: str = ops.DEFAULT_IMPL):
+        if in_features % groups or out_features % groups:
+            raise ValueError(f"groups={groups}: in_features={in_features} and "
+                             f"out_features={out_features} must both be divisible by groups")
+        k = _nnx_kernel_size(kernel_size, num_spatial_dims)
+        shape = (*k, out_features // groups, in_features)
+        fan_in = math.prod(shape[:-1])  # PyTorch's: (out_features / groups) * prod(k)
+        init = torch_uniform(())
+        self.kernel = nnx.Param(init(rngs.params(), shape, param_dtype, fan_in))
+        self.bias = (nnx.Param(init(rngs.params(), (out_features,), param_dtype, fan_in))
+                     if use_bias else None)
+        self.stride, self.padding, self.output_padding = stride, padding, output_padding
+        self.dilation, self.groups, self.impl = dilation, groups, impl
+
+    def __call__(self, y: jax.Array) -> jax.Array:
+        x = ops.conv_transpose(y, self.kernel[...], self.stride, self.padding,
+                               self.output_padding, dilation=self.dilation, groups=self.groups,
+                               impl=self.impl)
+        return x if self.bias is None else cpu_speed.add_bias(x, self.bias[...])
+
+    @classmethod
+    def from_torch(cls, m, *, rngs: nnx.Rngs | None = None) -> NNXConvTranspose:
+        """A ``torch.nn.ConvTranspose{1,2,3}d`` -> ``NNXConvTranspose`` with its weights."""
+        _check_zeros_mode(m)
+        layer = cls(m.in_channels, m.out_channels, tuple(m.kernel_size), tuple(m.stride),
+                    _torch_padding(m), tuple(m.output_padding), m.groups, m.bias is not None,
+                    tuple(m.dilation), rngs=rngs or nnx.Rngs(0))
+        for name, value in _variables(m)["params"].items():
+            getattr(layer, name)[...] = value
+        return layer

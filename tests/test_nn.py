@@ -194,3 +194,64 @@ def test_bad_arguments_are_value_errors():
     with pytest.raises(ValueError, match=r"output_padding=2 out of range"):
         cnn.ConvTranspose(4, 3, stride=2, output_padding=2).init(jax.random.key(0), x)
     assert ops.DEFAULT_IMPL == cnn.ConvTranspose(4, 3).impl
+
+
+# ----------------------------------------------------------------------------------------------
+# Flax NNX
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec", [CONV_LAYERS[0], CONV_LAYERS[3]], ids=["1d", "3d"])
+def test_nnx_conv_from_torch_matches_torch(torch, spec):
+    nd, c_in, c_out, k, s, p, d, g, bias, sp = spec
+    layer = getattr(torch.nn, f"Conv{nd}d")(c_in, c_out, k, s, p, d, g, bias)
+    ours = cnn.NNXConv.from_torch(layer)
+    x = np.random.default_rng(nd).standard_normal((2, *sp, c_in)).astype(np.float32)
+    np.testing.assert_allclose(ours(x), _nhwc(layer(_nchw(torch, x))), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("spec", [CT_LAYERS[0], CT_LAYERS[3], CT_LAYERS[4]],
+                         ids=["1d", "2d-dilated", "3d"])
+def test_nnx_conv_transpose_from_torch_matches_torch(torch, spec):
+    nd, c_in, c_out, k, s, p, op, g, d, bias, sp = spec
+    layer = getattr(torch.nn, f"ConvTranspose{nd}d")(c_in, c_out, k, s, p, op, g, bias, d)
+    ours = cnn.NNXConvTranspose.from_torch(layer)
+    y = np.random.default_rng(nd).standard_normal((2, *sp, c_in)).astype(np.float32)
+    np.testing.assert_allclose(ours(y), _nhwc(layer(_nchw(torch, y))), rtol=1e-5, atol=1e-5)
+
+
+def test_nnx_tied_layers_share_one_param():
+    """NNXConvTranspose.kernel = NNXConv.kernel: one nnx.Param (one state leaf); the transposed
+    layer is the conv's adjoint; the shared leaf's gradient is the sum of both uses."""
+    from flax import nnx
+
+    conv = cnn.NNXConv(4, 6, (3, 3), 2, 1, groups=2, use_bias=False, rngs=nnx.Rngs(0))
+    ct = cnn.NNXConvTranspose(6, 4, (3, 3), 2, 1, output_padding=1, groups=2, use_bias=False,
+                              rngs=nnx.Rngs(1))
+    ct.kernel = conv.kernel
+    assert ct.kernel is conv.kernel
+
+    class AE(nnx.Module):
+        def __init__(self):
+            self.enc, self.dec = conv, ct
+
+        def __call__(self, x):
+            return self.dec(jnp.tanh(self.enc(x)))
+
+    model = AE()
+    assert len(jax.tree.leaves(nnx.state(model, nnx.Param))) == 1
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 8, 8, 4)), jnp.float32)
+    y = conv(x)
+    y2 = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
+    assert abs(float(jnp.vdot(y, y2)) - float(jnp.vdot(x, ct(y2)))) <= 1e-4
+    grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(model)
+    k = conv.kernel[...]
+
+    def split(k1, k2):
+        h = jnp.tanh(ops.conv(x, k1, 2, 1, groups=2))
+        return jnp.sum(ops.conv_transpose(h, k2, 2, 1, 1, groups=2) ** 2)
+
+    g1, g2 = jax.grad(split, (0, 1))(k, k)
+    (g_shared,) = jax.tree.leaves(grads)  # the one leaf, under whichever path nnx keeps
+    np.testing.assert_allclose(g_shared, g1 + g2, rtol=1e-5, atol=1e-5)
