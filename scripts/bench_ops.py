@@ -63,6 +63,17 @@ interquartile range over the rounds. On a shared 2-vCPU VM (steal time) single m
 
 Usage: ``python3 scripts/bench_ops.py [--batch 128] [--reps 30] [--impls lax,subpixel,phase,...]
 [--problems large,decoder,...] [--no-torch] [--json PATH]``
+
+``--plain-jit`` (issue 21) times what a user who imports ``cae.ops`` gets: a plain
+``jax.jit(jax.grad(lambda y, k: jnp.sum(ops.conv_transpose(y, k, ...) ** 2), argnums=(0, 1)))``
+with XLA's default options (no ``compile_fast``), best of ``--reps`` (default 20 in this mode),
+against PyTorch's ``conv_transpose{1,2,3}d`` forward + ``backward()`` with
+``torch.set_num_threads(2)`` in the same process, at ``PLAIN_JIT_PROBLEMS``: the default
+decoder's three layers, a 16x16x64 k=4 layer (batch 128), a 1-D and a 3-D layer. Columns: each
+``impl`` under plain jit, ``autodiff`` (JAX's own gradient of the ``lhs_dilation`` conv),
+``auto+fast`` (``auto`` compiled with ``cpu_speed.compile_fast``: our options), ``torch_1t``
+(torch on one thread: context on a loaded machine) and ``torch``; every figure's ratio is to
+torch's best in the same run. Gradients are checked against torch's before timing.
 """
 
 from __future__ import annotations
@@ -317,10 +328,122 @@ def cpu_model():
     return platform.processor() or platform.machine()
 
 
+# ----------------------------------------------------------------------------------------------
+# --plain-jit: what a user's own jax.jit gets, against PyTorch (issue 21)
+# ----------------------------------------------------------------------------------------------
+
+# name: (y shape [N, *spatial', C_out], kernel [*k, C_in, C_out], stride, padding,
+# output_padding). The decoder's output_padding is what cae.models uses: 4 -> 7 is 0,
+# 7 -> 14 and 14 -> 28 are 1.
+PLAIN_JIT_PROBLEMS = {
+    "dec_4to7": ((128, 4, 4, 128), (3, 3, 64, 128), 2, 1, 0),
+    "dec_7to14": ((128, 7, 7, 64), (3, 3, 32, 64), 2, 1, 1),
+    "dec_14to28": ((128, 14, 14, 32), (3, 3, 1, 32), 2, 1, 1),
+    "k4_16to32": ((128, 16, 16, 64), (4, 4, 64, 64), 2, 1, 0),
+    "1d_512": ((32, 512, 128), (4, 64, 128), 2, 1, 0),
+    "3d_8": ((8, 8, 8, 8, 64), (3, 3, 3, 32, 64), 2, 1, 1),
+}
+PLAIN_JIT_METHODS = ("auto", *sorted(ops.IMPLEMENTATIONS), "autodiff", "auto+fast", "torch_1t",
+                     "torch")
+
+
+def _plain_jit_step(method, s, p, op, y, k):
+    impl = VARIANTS["autodiff"] if method == "autodiff" else method.removesuffix("+fast")
+
+    def loss(y, k):
+        return jnp.sum(ops.conv_transpose(y, k, s, p, op, impl=impl) ** 2)
+
+    step = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    if method.endswith("+fast"):
+        step = cpu_speed.compile_fast(step.lower(y, k))
+    return lambda: jax.block_until_ready(step(y, k))
+
+
+def _plain_jit_torch(torch, s, p, op, y, k):
+    nd = y.ndim - 2
+    f = getattr(torch.nn.functional, f"conv_transpose{nd}d")
+    ty = torch.from_numpy(np.ascontiguousarray(np.moveaxis(y, -1, 1))).requires_grad_()
+    # Our [*k, C_in, C_out] is torch's weight [C_out (the transpose's input), C_in, *k].
+    tk = torch.from_numpy(np.ascontiguousarray(
+        np.transpose(k, (nd + 1, nd, *range(nd))))).requires_grad_()
+
+    def run():
+        ty.grad = tk.grad = None
+        (f(ty, tk, stride=s, padding=p, output_padding=op) ** 2).sum().backward()
+
+    run()
+    grads = (np.moveaxis(ty.grad.numpy(), 1, -1),
+             np.transpose(tk.grad.numpy(), (*range(2, nd + 2), 1, 0)))
+    return run, grads
+
+
+def _torch_one_thread(torch, run):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def plain_jit_main(args, torch):
+    methods = [m for m in PLAIN_JIT_METHODS if not m.startswith("torch") or torch is not None]
+    if args.impls != ",".join(ALL_METHODS):  # --impls given: a subset of this mode's methods
+        wanted = {m.strip() for m in args.impls.split(",")}
+        methods = [m for m in methods if m in wanted or m.startswith("torch")]
+    problems_ = PLAIN_JIT_PROBLEMS
+    if args.problems:
+        problems_ = {k: v for k, v in problems_.items() if k in args.problems.split(",")}
+    print(f"# fwd+bwd: jax.jit(jax.grad(sum(conv_transpose(y, k)**2), (y, k))), XLA default "
+          f"options unless '+fast'; best of {args.reps} rounds (each method once per round, "
+          f"after an untimed call of its own); ratio = best / torch's best")
+    print(f"{'problem':<12}" + "".join(f"{m:>20}" for m in methods))
+    results = []
+    for name, (ys, ks, s, p, op) in problems_.items():
+        rng = np.random.default_rng(0)
+        y = rng.standard_normal(ys).astype(np.float32)
+        k = (rng.standard_normal(ks) / np.sqrt(np.prod(ks[:-2]) * ks[-1])).astype(np.float32)
+        thunks, ref = {}, None
+        if torch is not None:
+            thunks["torch"], ref = _plain_jit_torch(torch, s, p, op, y, k)
+            if "torch_1t" in methods:
+                # The same torch step on one thread: on a loaded 2-vCPU machine torch's two
+                # OpenMP threads wait on each other at every barrier, so its 2-thread time can
+                # exceed its 1-thread time; this column shows when that happened.
+                thunks["torch_1t"] = functools.partial(_torch_one_thread, torch,
+                                                       thunks["torch"])
+        yj, kj = jnp.asarray(y), jnp.asarray(k)
+        for m in methods:
+            if m.startswith("torch"):
+                continue
+            thunks[m] = _plain_jit_step(m, s, p, op, yj, kj)
+            grads = thunks[m]()  # compiles; the gradients (dy, dk)
+            if ref is not None:
+                check_grads(name, m, grads, ref)
+        times = {m: [] for m in methods}
+        for _ in range(args.reps):
+            for m in methods:
+                thunks[m]()
+                t0 = time.perf_counter()
+                thunks[m]()
+                times[m].append((time.perf_counter() - t0) * 1e3)
+        best = {m: min(v) for m, v in times.items()}
+        base = best.get("torch")
+        print(f"{name:<12}" + "".join(
+            f"{f'{best[m]:.2f} ms' + (f' ({best[m] / base:.2f}x)' if base else ''):>20}"
+            for m in methods), flush=True)
+        results.append({"problem": name, "y": ys, "kernel": ks, "stride": s, "padding": p,
+                        "output_padding": op, "best_ms": best, "all_ms": times,
+                        "chosen_impl": ops.choose_impl(ks, s, out_shape=None if len(ys) != 5
+                                                       else (ys[0], *[0] * 3, ks[-2]))})
+    return results
+
+
 def main(argv=None):
     ap = cli.CommandLineParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=128, help="batch of the decoder layers (128)")
-    ap.add_argument("--reps", type=int, default=30, help="timed rounds per problem (30)")
+    ap.add_argument("--reps", type=int, default=None,
+                    help="timed rounds per problem (30; 20 with --plain-jit)")
     ap.add_argument("--impls", default=",".join(ALL_METHODS),
                     help=f"comma-separated subset of {','.join(ALL_METHODS)}; "
                          f"'{BASELINE}' is always run (ratios are relative to it)")
@@ -329,19 +452,27 @@ def main(argv=None):
                          "time; default: all")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    ap.add_argument("--plain-jit", action="store_true",
+                    help="issue 21's comparison: plain jax.jit (XLA defaults), best of --reps "
+                         "(default 20), vs PyTorch at PLAIN_JIT_PROBLEMS")
     ap.add_argument("--xla-default", action="store_true",
                     help="compile with XLA's default options, not cae.cpu_speed.compile_fast's")
     args = ap.parse_args(argv)
+    if args.reps is None:
+        args.reps = 20 if args.plain_jit else 30
 
     methods = [m.strip() for m in args.impls.split(",") if m.strip()]
-    unknown = sorted(set(methods) - set(ALL_METHODS))
+    allowed = PLAIN_JIT_METHODS if args.plain_jit else ALL_METHODS
+    unknown = sorted(set(methods) - set(allowed))
     if unknown:
-        ap.error(f"unknown --impls {unknown}; allowed: {', '.join(ALL_METHODS)}")
+        ap.error(f"unknown --impls {unknown}; allowed: {', '.join(allowed)}")
     if BASELINE not in methods:
         methods.append(BASELINE)
     # Baseline first: the others are checked against its gradients.
     methods = [BASELINE] + [m for m in ALL_METHODS if m in methods and m != BASELINE]
     torch = None
+    if args.plain_jit and not args.no_torch:  # --plain-jit's --impls name JAX methods only
+        methods.append("torch")
     if "torch" in methods:
         if args.no_torch:
             methods.remove("torch")
@@ -353,7 +484,7 @@ def main(argv=None):
                 methods.remove("torch")
     n_cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     if torch is not None:
-        torch.set_num_threads(n_cores)
+        torch.set_num_threads(2 if args.plain_jit else n_cores)  # issue 21 fixes 2 threads
 
     info = {
         "cpu": cpu_model(),
@@ -367,7 +498,9 @@ def main(argv=None):
         "torch_threads": torch.get_num_threads() if torch is not None else None,
         "batch": args.batch,
         "reps": args.reps,
-        "xla_options": {} if args.xla_default else cpu_speed.xla_compiler_options(),
+        "xla_options": ("defaults (plain jax.jit); '+fast' columns: compile_fast"
+                        if args.plain_jit else
+                        {} if args.xla_default else cpu_speed.xla_compiler_options()),
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
     }
     print(f"# machine: {info['cpu']} ({info['cores']} cores), {info['platform']}")
@@ -375,6 +508,15 @@ def main(argv=None):
           f"XLA options: {info['xla_options'] or 'defaults'}")
     if torch is not None:
         print(f"# torch {info['torch']} ({info['torch_threads']} threads)")
+    if args.plain_jit:
+        info["load_average"] = os.getloadavg()  # timings on a shared machine: say how shared
+        print(f"# load average (1, 5, 15 min): {info['load_average']}")
+        results = plain_jit_main(args, torch)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"info": info, "results": results}, f, indent=2)
+            print(f"# wrote {args.json}")
+        return
     print(f"# fwd+bwd (value_and_grad w.r.t. y and kernel), ms per call, median of {args.reps}; "
           f"ratio = time / {BASELINE} time")
 

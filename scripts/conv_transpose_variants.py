@@ -5,7 +5,8 @@
   VJP of ``cae.ops``. XLA:CPU (jaxlib 0.10.2) aborts the process compiling it for some
   geometries (see ``cae.ops``' "zero_insertion"), which is why ``cae.ops`` does not ship it.
 * ``PHASE``: all ``s*s`` sub-pixel phases as one im2col matmul, with a matmul VJP.
-* ``AUTODIFF`` / :func:`conv_transpose_autodiff`: plain ``lax.conv_transpose`` differentiated by
+* ``AUTODIFF`` / :func:`conv_transpose_autodiff`: plain ``lax.conv_transpose`` (other ranks,
+  groups, dilation: the ``lhs_dilation`` conv it lowers to) differentiated by
   JAX itself: the baseline the custom VJPs are checked and timed against.
 
 Each is a :class:`cae.ops.Implementation`: pass it as ``cae.ops.conv_transpose(..., impl=...)``,
@@ -38,7 +39,16 @@ _CT_KWARGS = (
 )
 
 
-def _lax_forward(y, kernel, strides, pads, op):
+def _only_2d_ungrouped(name, y, dilation, groups):
+    """The comparison-only forms are written for today's 2-D layers: refuse anything else
+    with a clear error rather than compute something else."""
+    if y.ndim != 4 or groups != 1 or any(d != 1 for d in dilation):
+        raise ValueError(f"{name}: comparison-only form for 2-D inputs without groups or "
+                         f"dilation (got rank {y.ndim}, groups={groups}, dilation={dilation})")
+
+
+def _lax_forward(y, kernel, strides, pads, op, dilation=(1, 1), groups=1):
+    _only_2d_ungrouped("lax.conv_transpose", y, dilation, groups)
     out = lax.conv_transpose(
         y, kernel, strides, ops.gather_padding(kernel.shape[:2], pads, op),
         dimension_numbers=DN,
@@ -48,8 +58,23 @@ def _lax_forward(y, kernel, strides, pads, op):
     return out.astype(jnp.result_type(y, kernel))
 
 
+def _autodiff_forward(y, kernel, strides, pads, op, dilation, groups):
+    """The gather recipe as one ``lax.conv_general_dilated`` with ``lhs_dilation`` (what
+    ``lax.conv_transpose`` lowers to), for any rank, dilation and groups; JAX differentiates
+    it. On 2-D ungrouped geometries it is ``lax.conv_transpose`` itself."""
+    if y.ndim == 4 and groups == 1 and all(d == 1 for d in dilation):
+        return _lax_forward(y, kernel, strides, pads, op)
+    nd = y.ndim - 2
+    out = lax.conv_general_dilated(
+        y, ops.gather_kernel(kernel, groups), (1,) * nd,
+        ops.gather_padding(kernel.shape[:nd], pads, op, dilation), lhs_dilation=strides,
+        rhs_dilation=dilation, dimension_numbers=ops.dimension_numbers(nd),
+        feature_group_count=groups, preferred_element_type=ops.accumulation_type(y, kernel))
+    return out.astype(jnp.result_type(y, kernel))
+
+
 LAX = ops.Implementation.from_forward(_lax_forward)
-AUTODIFF = ops.Implementation(with_vjp=_lax_forward, forward_only=_lax_forward)
+AUTODIFF = ops.Implementation(with_vjp=_autodiff_forward, forward_only=_autodiff_forward)
 
 
 def conv_transpose_autodiff(y: jax.Array, kernel: jax.Array, strides=1,
@@ -156,7 +181,8 @@ def _phase_use_gemm(kernel, strides) -> bool:
     return strides[0] * strides[1] * kernel.shape[2] >= _PHASE_GEMM_MIN_CHANNELS
 
 
-def _phase_forward(y, kernel, strides, pads, op):
+def _phase_forward(y, kernel, strides, pads, op, dilation=(1, 1), groups=1):
+    _only_2d_ungrouped("phase", y, dilation, groups)
     ph, pw, out_h, out_w = _phase_plans(y.shape, kernel.shape, strides, pads, op)
     acc = ops.accumulation_type(y, kernel)
     dtype = jnp.result_type(y, kernel)
@@ -171,14 +197,14 @@ def _phase_forward(y, kernel, strides, pads, op):
     return _phase_interleave(z.astype(dtype), ph, pw, kernel.shape[2], out_h, out_w)
 
 
-def _phase_backward(strides, pads, op, res, g):
+def _phase_backward(strides, pads, op, dilation, groups, res, g):
     """Adjoint of each linear step of the forward, written out: g -> g_z (space-to-depth, the
     transpose of the interleave); g_Kc = patches(ypad)^T g_z (one GEMM contracting N*U_h*U_w);
     g_patches = g_z Kc^T (one GEMM), folded back onto y (transpose of the im2col slices and
     the pad). Thin problems use the shared backward (see _PHASE_GEMM_MIN_CHANNELS)."""
     y, kernel = res
     if not _phase_use_gemm(kernel, strides):
-        return ops.conv_transpose_cotangents(strides, pads, op, res, g)
+        return ops.conv_transpose_cotangents(strides, pads, op, dilation, groups, res, g)
     ph, pw, _, _ = _phase_plans(y.shape, kernel.shape, strides, pads, op)
     acc = ops.accumulation_type(g, y, kernel)
     c_in = kernel.shape[2]

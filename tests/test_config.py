@@ -110,7 +110,7 @@ BAD_OVERRIDES = [
      r"model\.code_activation='sigmoid': allowed are 'none' \| 'relu'"),
     (["model.conv_transpose_impl=fft"],
      r"model\.conv_transpose_impl='fft': allowed are 'auto' \| 'subpixel' \| "
-     r"'subpixel_phasewise' \| 'zero_insertion'$"),
+     r"'subpixel_phasewise' \| 'zero_insertion' \| 'gemm' \| 'subpixel_phasewise_gemm'$"),
     (["model.conv_transpose_impl=lax"],  # comparison-only forms are not model options
      r"model\.conv_transpose_impl='lax': allowed are 'auto' \|"),
     (["data.name="], r"data\.name=None: expected str"),

@@ -15,8 +15,8 @@ What is tested, against what (every check compares computed numbers; nothing is 
    kernel, (b) ``C^T vec(y)`` with the dense matrix ``C`` built entry by entry in NumPy,
    (c) a NumPy scatter-add (col2im). ``ops.conv`` equals a NumPy direct loop and ``C vec(x)``.
 3. ``conv_transpose`` equals ``jax.vjp`` of ``ops.conv`` w.r.t. its input, TensorFlow's
-   ``tf.nn.conv2d_transpose`` ("SAME"/"VALID") and, where installed, PyTorch's
-   ``conv_transpose2d`` (optional cross-check).
+   ``tf.nn.conv2d_transpose`` ("SAME"/"VALID") and PyTorch's ``conv_transpose2d`` (installed
+   by CI; ``tests/torch_import.py``). N-D, groups and dilation: ``tests/test_ops_nd.py``.
 4. The custom VJPs: gradients w.r.t. y and kernel equal autodiff of plain
    ``lax.conv_transpose`` (``AUTODIFF``) and NumPy references; ``check_grads`` to
    order 2 (reverse mode; ``custom_vjp`` has no forward mode); the gradient's program really is
@@ -48,6 +48,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax import lax
 from jax.test_util import check_grads
+from torch_import import import_torch
 
 from cae import cpu_speed, ops
 
@@ -487,9 +488,9 @@ TORCH_CASES = [  # (kernel, stride, symmetric padding, output_padding, y_hw)
 @pytest.mark.parametrize("impl", IMPL_PARAMS)
 @pytest.mark.parametrize("k,s,p,op,y_hw", TORCH_CASES)
 def test_matches_torch_conv_transpose2d(k, s, p, op, y_hw, impl):
-    """Optional cross-check: torch weight [C_out(=y channels), C_in, kh, kw] is our HWIO kernel
-    transposed (3, 2, 0, 1); torch's output_padding is ours."""
-    torch = pytest.importorskip("torch")
+    """torch weight [C_out(=y channels), C_in, kh, kw] is our HWIO kernel transposed
+    (3, 2, 0, 1); torch's output_padding is ours. Runs in CI (tests/torch_import.py)."""
+    torch = import_torch()
     rng = np.random.default_rng(k * 100 + s * 10 + p)
     y = rng.standard_normal((2, *y_hw, 4)).astype(np.float32)
     kernel = rng.standard_normal((k, k, 3, 4)).astype(np.float32)
@@ -637,16 +638,21 @@ def test_gradient_is_the_custom_backward(impl):
     a conv permute its dimension numbers (the autodiff baseline's gradient has such convs),
     while every custom backward keeps all its convs in the canonical NHWC/HWIO layout (the
     layout that stays fast inside lax.scan on CPU). The shared backward computes the y cotangent
-    as one strided conv ``C g``; "subpixel_phasewise" as s*s stride-1 convs, none strided."""
+    as one strided conv ``C g``; "subpixel_phasewise" as s*s stride-1 convs, none strided;
+    "gemm" as GEMMs only (no convolution anywhere)."""
     canonical = lax.conv_dimension_numbers((1, 1, 1, 1), (1, 1, 1, 1), DN)
     convs = _grad_convs(impl)
+    if impl == "gemm":
+        assert convs == []
+        return
     layouts = [e.params["dimension_numbers"] == canonical for e in convs]
     strided = [e for e in convs if tuple(e.params["window_strides"]) == JAXPR_CASE.s]
     if impl is AUTODIFF:
         assert not all(layouts)
         return
     assert all(layouts), [e.params["dimension_numbers"] for e in convs]
-    assert len(strided) == (0 if impl == "subpixel_phasewise" else 1)
+    assert len(strided) == (0 if impl in ("subpixel_phasewise", "subpixel_phasewise_gemm")
+                            else 1)
 
 
 @pytest.mark.parametrize("impl", JAXPR_PARAMS)
@@ -798,9 +804,10 @@ ERROR_CASES = [
     ("ct_padding_too_large", lambda: ops.conv_transpose(_Y, _K, 1, 4),
      r"conv_transpose output H would be -2 < 1 .*reduce the padding"),
     ("unknown_impl", lambda: ops.conv_transpose(_Y, _K, 1, 1, impl="fft"),
-     r"impl='fft': allowed are \['auto', 'subpixel', 'subpixel_phasewise', 'zero_insertion'\]"),
+     r"impl='fft': allowed are \['auto', 'gemm', 'subpixel', 'subpixel_phasewise', "
+     r"'subpixel_phasewise_gemm', 'zero_insertion'\]"),
     ("comparison_only_impl_by_name", lambda: ops.conv_transpose(_Y, _K, 2, 1, impl="lax"),
-     r"impl='lax': allowed are \['auto', 'subpixel'"),
+     r"impl='lax': allowed are \['auto', 'gemm', 'subpixel'"),
 ]
 
 
@@ -928,7 +935,7 @@ def test_auto_impl_is_the_chosen_impl_exactly():
     assert ops.DEFAULT_IMPL == "auto"
     assert ops.choose_impl((3, 3, 32, 64), 2) == "subpixel"   # the default decoder's dec2
     assert ops.choose_impl((3, 3, 64, 16), (2, 2)) == "subpixel"
-    assert ops.choose_impl((4, 4, 64, 64), 2) == "subpixel_phasewise"  # s divides k
+    assert ops.choose_impl((4, 4, 64, 64), 2) == "subpixel_phasewise_gemm"  # s divides k
     assert ops.choose_impl((4, 3, 64, 64), 2) == "subpixel"  # ... along both axes only
     assert ops.choose_impl((3, 3, 1, 32), 2) == "zero_insertion"   # C_in = 1: the last layer
     assert ops.choose_impl((3, 3, 32, 64), 1) == "zero_insertion"  # stride 1: no zeros to avoid

@@ -46,6 +46,17 @@ def test_bench_ops_problems_subset_and_paired_ratios(run_benchmark):
     assert "decoder sum" not in out  # a step is summed only when all its layers were timed
 
 
+def test_bench_ops_plain_jit_mode_checks_against_torch(run_benchmark):
+    """--plain-jit (issue 21): plain jax.jit vs torch at the named problems, gradients checked
+    against torch's (the script exits non-zero on a mismatch), one row per problem."""
+    out = run_benchmark(["scripts/bench_ops.py", "--plain-jit", "--reps", "1", "--impls",
+                         "auto,gemm", "--problems", "dec_14to28,1d_512,3d_8"])
+    rows = {line.split()[0] for line in out.splitlines() if line.split()[:1]
+            and line.split()[0] in {"dec_14to28", "1d_512", "3d_8"}}
+    assert rows == {"dec_14to28", "1d_512", "3d_8"}, out
+    assert "torch" in out
+
+
 def test_bench_ops_rejects_unknown_problem():
     proc = subprocess.run([PYTHON, "scripts/bench_ops.py", "--problems", "large,nope"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)

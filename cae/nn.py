@@ -1,0 +1,300 @@
+"""Flax layers over :mod:`cae.ops` (Linen: ``Conv``, ``ConvTranspose``; NNX: ``NNXConv``,
+``NNXConvTranspose``), with PyTorch's constructor meaning.
+
+``Conv`` and ``ConvTranspose`` are PyTorch's ``Conv{1,2,3}d`` / ``ConvTranspose{1,2,3}d`` in
+channels-last layout: the number of spatial dims is ``len(kernel_size)`` (an int
+``kernel_size`` means "every spatial axis of the input"), and ``features`` is PyTorch's
+``out_channels`` (the input channels are read from the input, as Flax does). ``stride``,
+``padding``, ``output_padding``, ``dilation`` and ``groups`` mean exactly what they mean in
+PyTorch (``padding`` also takes per-axis ``(lo, hi)`` pairs and ``"SAME"``/``"VALID"``).
+Initialisation is PyTorch's default: kernel and bias uniform in ``+-1/sqrt(fan_in)``.
+
+Both layers store the *forward* conv's kernel, ``[*k, C_in // groups, C_out]``:
+
+* ``Conv(features=C_out)``: kernel ``[*k, C_in // groups, C_out]``;
+* ``ConvTranspose(features=F)`` on y with ``C`` channels: kernel ``[*k, F // groups, C]``, the
+  kernel of the conv ``F -> C`` it is the transpose of. So a ``ConvTranspose`` can *tie* to a
+  ``Conv``: pass the conv's kernel, ``ConvTranspose(...)(y, kernel=conv_kernel)``, and the two
+  layers read one parameter (its gradient is the sum of both uses).
+
+Porting weights (``kernel_from_torch``): PyTorch's ``Conv{N}d.weight`` is ``[C_out,
+C_in // g, *k]`` and ``ConvTranspose{N}d.weight`` is ``[C_in, C_out // g, *k]`` (its own input
+first); both become ours by the same axis move, ``[*k, axis 1, axis 0]``, with no flip: PyTorch
+computes the same cross-correlation and the same adjoint. ``Conv.from_torch`` /
+``ConvTranspose.from_torch`` turn a whole torch layer into ``(module, variables)``. Keras'
+``Conv{N}D`` and ``Conv{N}DTranspose`` kernels are already in our layout (TensorFlow's filter
+layouts are ``[*k, in, out]`` and ``[*k, out, in]``), unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from cae import cpu_speed, ops
+
+__all__ = ["Conv", "ConvTranspose", "NNXConv", "NNXConvTranspose", "kernel_from_torch",
+           "kernel_to_torch", "torch_uniform"]
+
+
+def torch_uniform(fan_in_axes: Sequence[int]) -> Callable:
+    """PyTorch's default init for conv weights and biases: ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``
+    (``kaiming_uniform_(a=sqrt(5))`` reduces to this), fan_in = the product of the kernel's
+    ``fan_in_axes``. The bias uses the kernel's fan_in, passed as ``fan_in_axes`` of its shape
+    by the layers."""
+
+    def init(key, shape, dtype=jnp.float32, fan_in=None):
+        n = fan_in if fan_in is not None else math.prod(shape[a] for a in fan_in_axes)
+        bound = 1.0 / math.sqrt(max(n, 1))
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def _spatial(kernel_size, rank: int, name: str = "kernel_size") -> tuple[int, ...]:
+    nd = rank - 2
+    if isinstance(kernel_size, int):
+        return (kernel_size,) * nd
+    k = tuple(int(v) for v in kernel_size)
+    if len(k) != nd:
+        raise ValueError(f"{name}={kernel_size!r} has {len(k)} entries but the input has {nd} "
+                         f"spatial dims (rank {rank})")
+    return k
+
+
+def kernel_from_torch(weight) -> np.ndarray:
+    """A PyTorch ``Conv{N}d`` weight ``[C_out, C_in // g, *k]`` or ``ConvTranspose{N}d`` weight
+    ``[C_in, C_out // g, *k]`` (a tensor or array) -> our kernel ``[*k, axis 1, axis 0]``."""
+    w = np.asarray(weight.detach().cpu().numpy() if hasattr(weight, "detach") else weight)
+    return np.transpose(w, (*range(2, w.ndim), 1, 0))
+
+
+def kernel_to_torch(kernel) -> np.ndarray:
+    """The inverse of :func:`kernel_from_torch`: ``[*k, I, O] -> [O, I, *k]``."""
+    k = np.asarray(kernel)
+    nd = k.ndim - 2
+    return np.transpose(k, (nd + 1, nd, *range(nd)))
+
+
+def _torch_padding(m):
+    if isinstance(m.padding, str):  # torch's 'same' (stride 1 only) and 'valid'
+        return m.padding.upper()
+    return tuple(int(p) for p in m.padding)
+
+
+def _check_zeros_mode(m):
+    mode = getattr(m, "padding_mode", "zeros")
+    if mode != "zeros":
+        raise ValueError(f"padding_mode={mode!r}: only 'zeros' has a cae.ops equivalent")
+
+
+def _variables(m, dtype=np.float32):
+    params = {"kernel": jnp.asarray(kernel_from_torch(m.weight), dtype)}
+    if m.bias is not None:
+        params["bias"] = jnp.asarray(m.bias.detach().cpu().numpy(), dtype)
+    return {"params": params}
+
+
+class Conv(nn.Module):
+    """``y = conv(x, kernel) + bias``: PyTorch's ``Conv{N}d`` on channels-last input.
+
+    x: [N, *spatial, C_in] -> [N, *spatial', features]. Parameters: ``kernel``
+    ``[*k, C_in // groups, features]``, ``bias`` ``[features]`` (if ``use_bias``).
+    """
+
+    features: int
+    kernel_size: int | Sequence[int]
+    stride: int | Sequence[int] = 1
+    padding: Any = 0
+    dilation: int | Sequence[int] = 1
+    groups: int = 1
+    use_bias: bool = True
+    kernel_init: Callable | None = None  # default: PyTorch's (torch_uniform)
+    bias_init: Callable | None = None
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k = _spatial(self.kernel_size, x.ndim)
+        nd = len(k)
+        if x.shape[-1] % self.groups:
+            raise ValueError(f"groups={self.groups}: the input's C_in={x.shape[-1]} is not "
+                             f"divisible by groups")
+        shape = (*k, x.shape[-1] // self.groups, self.features)
+        fan_in = math.prod(shape[:-1])
+        kernel = self.param("kernel", self.kernel_init or torch_uniform(range(nd + 1)), shape,
+                            self.param_dtype)
+        y = ops.conv(x, kernel, self.stride, self.padding, dilation=self.dilation,
+                     groups=self.groups)
+        if self.use_bias:
+            init = self.bias_init or (lambda key, s, dt: torch_uniform(())(key, s, dt, fan_in))
+            # add_bias: ``y + bias`` with its gradient summed in an order XLA:CPU runs faster.
+            y = cpu_speed.add_bias(y, self.param("bias", init, (self.features,),
+                                                 self.param_dtype))
+        return y
+
+    @classmethod
+    def from_torch(cls, m) -> tuple[Conv, dict]:
+        """A ``torch.nn.Conv{1,2,3}d`` -> ``(Conv, variables)`` computing the same numbers on
+        channels-last input (``padding_mode`` must be ``'zeros'``)."""
+        _check_zeros_mode(m)
+        module = cls(m.out_channels, tuple(m.kernel_size), tuple(m.stride), _torch_padding(m),
+                     tuple(m.dilation), m.groups, m.bias is not None)
+        return module, _variables(m)
+
+
+class ConvTranspose(nn.Module):
+    """``x = conv_transpose(y, kernel) + bias``: PyTorch's ``ConvTranspose{N}d`` on
+    channels-last input, the exact adjoint of the conv ``features -> C`` with the same
+    geometry.
+
+    y: [N, *spatial', C] -> [N, *spatial, features],
+    ``spatial = (spatial' - 1) * stride - 2 * padding + dilation * (k - 1) + 1 + output_padding``.
+    ``kernel``: ``[*k, features // groups, C]`` (the forward conv's): pass one to tie this
+    layer to a ``Conv``'s kernel; if None, the layer owns a ``kernel`` parameter of that shape.
+    """
+
+    features: int
+    kernel_size: int | Sequence[int]
+    stride: int | Sequence[int] = 1
+    padding: Any = 0
+    output_padding: int | Sequence[int] = 0
+    dilation: int | Sequence[int] = 1
+    groups: int = 1
+    use_bias: bool = True
+    kernel_init: Callable | None = None  # default: PyTorch's (torch_uniform)
+    bias_init: Callable | None = None
+    param_dtype: Any = jnp.float32
+    impl: str = ops.DEFAULT_IMPL
+
+    @nn.compact
+    def __call__(self, y: jax.Array, kernel: jax.Array | None = None) -> jax.Array:
+        k = _spatial(self.kernel_size, y.ndim)
+        nd = len(k)
+        if self.features % self.groups:
+            raise ValueError(f"groups={self.groups}: features={self.features} is not divisible "
+                             f"by groups")
+        shape = (*k, self.features // self.groups, y.shape[-1])
+        # PyTorch's fan_in for ConvTranspose: weight.size(1) * prod(k) = (features / g) * prod(k).
+        fan_in = math.prod(shape[:-1])
+        if kernel is None:
+            kernel = self.param("kernel", self.kernel_init or torch_uniform(range(nd + 1)),
+                                shape, self.param_dtype)
+        elif tuple(kernel.shape) != shape:
+            raise ValueError(f"kernel of shape {tuple(kernel.shape)} does not fit: this layer "
+                             f"needs [*k, features // groups, C_y] = {shape}")
+        x = ops.conv_transpose(y, kernel, self.stride, self.padding, self.output_padding,
+                               dilation=self.dilation, groups=self.groups, impl=self.impl)
+        if self.use_bias:
+            init = self.bias_init or (lambda key, s, dt: torch_uniform(())(key, s, dt, fan_in))
+            x = cpu_speed.add_bias(x, self.param("bias", init, (self.features,),
+                                                 self.param_dtype))
+        return x
+
+    @classmethod
+    def from_torch(cls, m) -> tuple[ConvTranspose, dict]:
+        """A ``torch.nn.ConvTranspose{1,2,3}d`` -> ``(ConvTranspose, variables)`` computing
+        the same numbers on channels-last input (``padding_mode`` must be ``'zeros'``)."""
+        _check_zeros_mode(m)
+        module = cls(m.out_channels, tuple(m.kernel_size), tuple(m.stride), _torch_padding(m),
+                     tuple(m.output_padding), tuple(m.dilation), m.groups, m.bias is not None)
+        return module, _variables(m)
+
+
+# ----------------------------------------------------------------------------------------------
+# Flax NNX
+# ----------------------------------------------------------------------------------------------
+
+
+def _nnx_kernel_size(kernel_size, num_spatial_dims: int) -> tuple[int, ...]:
+    if isinstance(kernel_size, int):
+        return (kernel_size,) * num_spatial_dims
+    return tuple(int(k) for k in kernel_size)
+
+
+class NNXConv(nnx.Module):
+    """PyTorch's ``Conv{N}d(in_features, out_features, kernel_size, stride, padding, dilation,
+    groups, bias)`` as a Flax NNX module on channels-last input. N = ``len(kernel_size)``, or
+    ``num_spatial_dims`` (default 2) for an int ``kernel_size``. ``self.kernel``:
+    ``nnx.Param`` ``[*k, in_features // groups, out_features]``; ``self.bias``:
+    ``[out_features]`` or None."""
+
+    def __init__(self, in_features: int, out_features: int, kernel_size, stride=1, padding=0,
+                 dilation=1, groups: int = 1, use_bias: bool = True, *, rngs: nnx.Rngs,
+                 num_spatial_dims: int = 2, param_dtype=jnp.float32):
+        if in_features % groups or out_features % groups:
+            raise ValueError(f"groups={groups}: in_features={in_features} and "
+                             f"out_features={out_features} must both be divisible by groups")
+        k = _nnx_kernel_size(kernel_size, num_spatial_dims)
+        shape = (*k, in_features // groups, out_features)
+        fan_in = math.prod(shape[:-1])
+        init = torch_uniform(())
+        self.kernel = nnx.Param(init(rngs.params(), shape, param_dtype, fan_in))
+        self.bias = (nnx.Param(init(rngs.params(), (out_features,), param_dtype, fan_in))
+                     if use_bias else None)
+        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = ops.conv(x, self.kernel[...], self.stride, self.padding, dilation=self.dilation,
+                     groups=self.groups)
+        return y if self.bias is None else cpu_speed.add_bias(y, self.bias[...])
+
+    @classmethod
+    def from_torch(cls, m, *, rngs: nnx.Rngs | None = None) -> NNXConv:
+        """A ``torch.nn.Conv{1,2,3}d`` -> ``NNXConv`` with its weights."""
+        _check_zeros_mode(m)
+        layer = cls(m.in_channels, m.out_channels, tuple(m.kernel_size), tuple(m.stride),
+                    _torch_padding(m), tuple(m.dilation), m.groups, m.bias is not None,
+                    rngs=rngs or nnx.Rngs(0))
+        for name, value in _variables(m)["params"].items():
+            getattr(layer, name)[...] = value
+        return layer
+
+
+class NNXConvTranspose(nnx.Module):
+    """PyTorch's ``ConvTranspose{N}d(in_features, out_features, kernel_size, stride, padding,
+    output_padding, groups, bias, dilation)`` as a Flax NNX module on channels-last input.
+    ``self.kernel``: ``nnx.Param`` ``[*k, out_features // groups, in_features]``, the kernel of
+    the conv ``out_features -> in_features`` it is the adjoint of. Tie it to an ``NNXConv``
+    ``c`` by sharing the parameter: ``layer.kernel = c.kernel`` (one ``nnx.Param``, two uses)."""
+
+    def __init__(self, in_features: int, out_features: int, kernel_size, stride=1, padding=0,
+                 output_padding=0, groups: int = 1, use_bias: bool = True, dilation=1, *,
+                 rngs: nnx.Rngs, num_spatial_dims: int = 2, param_dtype=jnp.float32,
+                 impl: str = ops.DEFAULT_IMPL):
+        if in_features % groups or out_features % groups:
+            raise ValueError(f"groups={groups}: in_features={in_features} and "
+                             f"out_features={out_features} must both be divisible by groups")
+        k = _nnx_kernel_size(kernel_size, num_spatial_dims)
+        shape = (*k, out_features // groups, in_features)
+        fan_in = math.prod(shape[:-1])  # PyTorch's: (out_features / groups) * prod(k)
+        init = torch_uniform(())
+        self.kernel = nnx.Param(init(rngs.params(), shape, param_dtype, fan_in))
+        self.bias = (nnx.Param(init(rngs.params(), (out_features,), param_dtype, fan_in))
+                     if use_bias else None)
+        self.stride, self.padding, self.output_padding = stride, padding, output_padding
+        self.dilation, self.groups, self.impl = dilation, groups, impl
+
+    def __call__(self, y: jax.Array) -> jax.Array:
+        x = ops.conv_transpose(y, self.kernel[...], self.stride, self.padding,
+                               self.output_padding, dilation=self.dilation, groups=self.groups,
+                               impl=self.impl)
+        return x if self.bias is None else cpu_speed.add_bias(x, self.bias[...])
+
+    @classmethod
+    def from_torch(cls, m, *, rngs: nnx.Rngs | None = None) -> NNXConvTranspose:
+        """A ``torch.nn.ConvTranspose{1,2,3}d`` -> ``NNXConvTranspose`` with its weights."""
+        _check_zeros_mode(m)
+        layer = cls(m.in_channels, m.out_channels, tuple(m.kernel_size), tuple(m.stride),
+                    _torch_padding(m), tuple(m.output_padding), m.groups, m.bias is not None,
+                    tuple(m.dilation), rngs=rngs or nnx.Rngs(0))
+        for name, value in _variables(m)["params"].items():
+            getattr(layer, name)[...] = value
+        return layer
