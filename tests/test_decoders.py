@@ -6,6 +6,8 @@ checkerboard.png (quick tier: synthetic digits)."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 
 import jax
@@ -14,7 +16,7 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from cae import ablate, config, models, ops, plots, spectra, train
+from cae import ablate, ablation_report, config, models, ops, plots, spectra, train
 from cae.config import ConfigError
 
 SMOKE = REPO / "configs" / "smoke.yaml"
@@ -262,3 +264,29 @@ def test_a_resize_conv_run_reports_its_decoder_and_checkerboard(synthetic_mnist,
     assert 0.0 <= summary["pca_checkerboard_score"] <= 1.0
     assert summary["checkerboard_chance"] == pytest.approx(55 / 783)
     assert (run / "checkerboard.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_ablation_report_carries_decoder_and_checkerboard():
+    rows = []
+    for tied, cb in ((True, [0.30, 0.34]), (False, [0.20, 0.22])):
+        for seed in range(2):
+            rows.append({"code_size": 32, "decoder": "mirror", "tied": tied, "seed": seed,
+                         "num_params": 100 if tied else 190, "test_mse": 0.003 + seed * 1e-4,
+                         "test_psnr": 25.0, "pca_test_mse": 0.015, "pca_probe_acc": None,
+                         "linear_probe_acc": None, "checkerboard_score": cb[seed],
+                         "pca_checkerboard_score": 0.05, "wall_time_s": 1.0,
+                         "train_images_per_sec": 1.0, "run_dir": f"r{tied}{seed}"})
+    text = ablation_report.render_csv(rows)
+    parsed = list(csv.DictReader(io.StringIO(text)))
+    assert [r["decoder"] for r in parsed] == ["mirror"] * 4
+    assert [float(r["checkerboard_score"]) for r in parsed] == [0.30, 0.34, 0.20, 0.22]
+    swept = config.AblationConfig(seeds=[0, 1], code_sizes=[32])
+    md = ablation_report.render_markdown(rows, config.from_dict({}), swept)
+    assert "| 0.050 / 0.320 / 0.210 |" in md  # overview: PCA / tied mean / untied mean
+    assert f"{0.32:.3f} ± {np.std([0.30, 0.34], ddof=1):.3f}" in md  # per-size table
+    old = [{k: v for k, v in r.items() if "checkerboard" not in k and k != "decoder"}
+           for r in rows]  # runs finished before the score existed
+    assert "| n/a / n/a / n/a |" in ablation_report.render_markdown(old, config.from_dict({}),
+                                                                    swept)
+    assert list(csv.DictReader(io.StringIO(ablation_report.render_csv(old))))[0][
+        "checkerboard_score"] == ""
