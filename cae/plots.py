@@ -346,8 +346,10 @@ def checkerboard_figure(overlaps: Sequence[tuple[str, np.ndarray]],
     corner at most, each pixel labelled with its count. Bottom row: mean error power spectra
     (name, [H, W] in ``np.fft.fft2`` order, score), centred (0 in the middle, +-0.5 cycles per
     pixel at the edges), on one log colour scale; ``alias`` [H, W] (the bins the score counts)
-    is outlined in cyan."""
-    cols = max(len(overlaps), len(spectra), 1)
+    is outlined in cyan; last, each spectrum's power per frequency along the rows and columns
+    (the two marginals averaged), where a checkerboard is a spike at the alias frequency."""
+    spectra = list(spectra)
+    cols = max(len(overlaps), len(spectra) + 1 if spectra else 1)
     fig = Figure(figsize=(3.3 * cols + 1.0, 7.0), layout="constrained")
     axes = fig.subplots(2, cols, squeeze=False)
     for ax in axes.flat:
@@ -368,7 +370,6 @@ def checkerboard_figure(overlaps: Sequence[tuple[str, np.ndarray]],
         fig.colorbar(im, ax=ax, shrink=0.7, label="kernel taps")
     if overlaps:
         axes[0, 0].set_ylabel("overlap map (top-left corner)")
-    spectra = list(spectra)
     if spectra:
         shown = [np.fft.fftshift(np.asarray(p, np.float64)) for _, p, _ in spectra]
         positive = np.concatenate([p[p > 0] for p in shown] or [np.ones(1)])
@@ -389,6 +390,28 @@ def checkerboard_figure(overlaps: Sequence[tuple[str, np.ndarray]],
                          fontsize=8)
         fig.colorbar(im, ax=list(axes[1, :len(spectra)]), shrink=0.7,
                      label="error power (sums to the MSE)")
+        ax = axes[1, len(spectra)]
+        ax.set_axis_on()
+        for i, (label, p, _) in enumerate(spectra):
+            p = np.asarray(p, np.float64)
+            rows, cols_ = p.sum(axis=1), p.sum(axis=0)  # power per row / column frequency
+            n = min(len(rows), len(cols_))
+            freq = np.arange(n // 2 + 1)
+            # fold -f onto f: bins f and n - f are the same frequency's two signs
+            profile = [(rows[f] + rows[-f] + cols_[f] + cols_[-f]) / (2 if 0 < f < n - f
+                                                                      else 4) for f in freq]
+            ax.plot(freq / n, profile, "o-", ms=3, color=f"C{i}", label=label)
+        alias_f = np.flatnonzero(np.asarray(alias, bool)[:, 0])
+        for j, f in enumerate(alias_f[alias_f <= len(alias) // 2]):
+            ax.axvline(f / len(alias), color="cyan", linestyle="--",
+                       label="alias frequency" if j == 0 else None)
+        ax.set_yscale("log")
+        ax.set_xlabel("frequency along rows or columns (cycles/pixel)")
+        ax.set_ylabel("error power at that frequency")
+        ax.set_title("error power per frequency\n(a checkerboard: a spike at the dashed line)",
+                     fontsize=8)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
     return fig
