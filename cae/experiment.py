@@ -251,7 +251,11 @@ def checkerboard(cfg: Config, ds: data_lib.Dataset, params, code_size: int, pca
                  else spectra.checkerboard_score(pca_spectrum, stride))
     keys = {"decoder": cfg.model.decoder, "checkerboard_stride": stride,
             "checkerboard_score": score, "pca_checkerboard_score": pca_score,
-            "checkerboard_chance": spectra.chance_score(ds.image_shape[:2], stride)}
+            "checkerboard_chance": spectra.chance_score(ds.image_shape[:2], stride),
+            # the same bins' power in MSE units: a share is read against the whole error
+            "checkerboard_mse": spectra.alias_power(spectrum, stride),
+            "pca_checkerboard_mse": (None if pca_spectrum is None
+                                     else spectra.alias_power(pca_spectrum, stride))}
     m = build_model(cfg)
     overlaps = [(f"decoder layer {i}: {h}x{w}", overlap) for i, overlap in models.overlap_maps(
         ds.image_shape, m.features, m.kernel_size, m.strides, m.padding, m.code_size,

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["alias_mask", "power_spectrum", "checkerboard_score", "chance_score"]
+__all__ = ["alias_mask", "power_spectrum", "checkerboard_score", "alias_power", "chance_score"]
 
 
 def _alias_bins(n: int, stride: int) -> set[int]:
@@ -66,6 +66,14 @@ def checkerboard_score(spectrum: np.ndarray, stride: int) -> float:
     if non_dc <= 0.0:
         return 0.0
     return float(p[alias_mask(p.shape, stride)].sum() / non_dc)
+
+
+def alias_power(spectrum: np.ndarray, stride: int) -> float:
+    """The part of the mean squared error (``spectrum``: :func:`power_spectrum`'s) that sits at
+    the alias bins: the score's numerator, in MSE units, for reading a share against an error
+    that is smaller or larger overall."""
+    p = np.asarray(spectrum, np.float64)
+    return float(p[alias_mask(p.shape, stride)].sum())
 
 
 def chance_score(hw: Sequence[int], stride: int) -> float:

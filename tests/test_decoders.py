@@ -227,6 +227,10 @@ def test_a_smooth_image_scores_low_a_checkerboard_high_white_noise_at_chance():
 def test_power_spectrum_sums_to_the_mse_and_stride_3_bins():
     e = np.random.default_rng(1).normal(size=(5, 12, 9, 2))
     assert spectra.power_spectrum(e).sum() == pytest.approx(np.mean(e ** 2))
+    # a stripe of amplitude a at pi puts a**2 of the MSE at the alias bins
+    i = np.arange(16)[:, None] * np.ones((1, 16))
+    stripes = 0.3 * (-1.0) ** i
+    assert spectra.alias_power(spectra.power_spectrum(stripes[None]), 2) == pytest.approx(0.09)
     mask = spectra.alias_mask((12, 9), 3)
     assert np.flatnonzero(mask[:, 0]).tolist() == [4, 8]  # 12 / 3 and 2 * 12 / 3
     assert np.flatnonzero(mask[0]).tolist() == [3, 6]
@@ -263,6 +267,8 @@ def test_a_resize_conv_run_reports_its_decoder_and_checkerboard(synthetic_mnist,
     assert 0.0 <= summary["checkerboard_score"] <= 1.0
     assert 0.0 <= summary["pca_checkerboard_score"] <= 1.0
     assert summary["checkerboard_chance"] == pytest.approx(55 / 783)
+    assert 0.0 < summary["checkerboard_mse"] < summary["test_mse"]
+    assert 0.0 < summary["pca_checkerboard_mse"] < summary["pca_test_mse"]
     assert (run / "checkerboard.png").read_bytes().startswith(b"\x89PNG")
 
 
