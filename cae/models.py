@@ -41,7 +41,7 @@ from cae import cpu_speed, ops
 
 __all__ = ["ConvAutoencoder", "StridedConv", "TransposedConv", "ResizeConv", "ACTIVATIONS",
            "DECODERS", "TIEABLE_DECODERS", "layer_sizes", "layer_plan", "code_shape", "kernel_hw",
-           "covers_input", "nearest_resize", "overlap_maps"]
+           "covers_input", "nearest_resize", "overlap_maps", "resize_conv_as_transpose"]
 
 # model.decoder's names. Only "mirror" has an encoder kernel for each decoder layer to share.
 DECODERS = ("mirror", "resize_conv", "resize_conv_deep")
@@ -142,9 +142,39 @@ class ResizeConv(nn.Module):
         kernel = self.param("kernel", init,
                             (*kernel_hw(self.kernel_size), y.shape[-1], self.features))
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        ratio = [o // i if o % i == 0 else 0 for o, i in zip(self.output_hw, y.shape[1:3])]
+        if min(ratio) >= 1 and max(ratio) > 1:
+            # An integer upsampling: the same numbers as a transposed conv (s*s times fewer
+            # multiplications than convolving the upsampled map; see resize_conv_as_transpose).
+            k, pads = resize_conv_as_transpose(kernel, ratio)
+            return cpu_speed.add_bias(ops.conv_transpose(y, k, ratio, pads), bias)
         if tuple(y.shape[1:3]) != tuple(self.output_hw):
             y = nearest_resize(y, self.output_hw)
         return cpu_speed.add_bias(ops.conv(y, kernel, 1, "SAME"), bias)
+
+
+def resize_conv_as_transpose(kernel: jax.Array, strides: Sequence[int]):
+    """A stride-1 "SAME" conv (kernel [kh, kw, C_in, C_out]) of a map nearest-upsampled by the
+    integers ``strides`` (s_h, s_w) is a transposed conv: -> (its forward kernel
+    [kh + s_h - 1, kw + s_w - 1, C_out, C_in], its padding ((P, Q), (P', Q'))) for
+    ``ops.conv_transpose(y, kernel', strides, padding)``.
+
+    Along one axis, with ``lo = (k - 1) // 2`` (SAME's padding before), output pixel i reads
+    ``y[floor((i + j - lo) / s)]`` through tap j, so ``x[i] = sum_o y[o] K'[i - o*s + P]`` with
+    ``K'[q] = sum of K[j] for lo - q + P <= j < lo - q + P + s``, ``P = k - 1 - lo``, and the
+    output size s*h needs ``Q = lo``. The zero padding matches too: an upsampled pixel outside
+    the map is a y outside [0, h), which the transposed conv takes as zero.
+    """
+    mats, pads = [], []
+    for k, s in zip(kernel.shape[:2], strides):
+        lo = (k - 1) // 2
+        p = k - 1 - lo
+        q = np.arange(k + s - 1)[:, None]
+        j = np.arange(k)[None, :]
+        mats.append(jnp.asarray((j >= lo - q + p) & (j < lo - q + p + s), kernel.dtype))
+        pads.append((p, lo))
+    folded = jnp.einsum("aj,bl,jlio->aboi", mats[0], mats[1], kernel)
+    return folded, tuple(pads)
 
 
 def covers_input(input_hw: Sequence[int], kernel_size, strides: int, padding) -> bool:

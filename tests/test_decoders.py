@@ -296,3 +296,23 @@ def test_ablation_report_carries_decoder_and_checkerboard():
                                                                     swept)
     assert list(csv.DictReader(io.StringIO(ablation_report.render_csv(old))))[0][
         "checkerboard_score"] == ""
+
+
+@pytest.mark.parametrize("kernel_size,in_hw,out_hw", [
+    (3, (7, 5), (14, 10)), ((4, 3), (4, 6), (12, 12)), (5, (3, 3), (6, 9)), (2, (5, 4), (5, 8)),
+    (1, (4, 4), (8, 8))])
+def test_integer_resize_conv_runs_as_the_transposed_conv_it_equals(kernel_size, in_hw, out_hw):
+    """ResizeConv computes an integer upsampling as one transposed conv: the same numbers as
+    convolving the nearest-upsampled map (odd and even kernels, ratios 1 to 3)."""
+    rng = np.random.default_rng(3)
+    y = jnp.asarray(rng.normal(size=(2, *in_hw, 3)), jnp.float32)
+    layer = models.ResizeConv(4, kernel_size, out_hw)
+    params = _init(layer, y)
+    want = ops.conv(models.nearest_resize(y, out_hw), params["kernel"], 1, "SAME")
+    np.testing.assert_allclose(layer.apply({"params": params}, y) - params["bias"], want,
+                               rtol=1e-5, atol=1e-5)
+    grad = jax.grad(lambda k: jnp.sum(layer.apply({"params": {**params, "kernel": k}}, y) ** 2))
+    want_grad = jax.grad(lambda k: jnp.sum((ops.conv(models.nearest_resize(y, out_hw), k, 1,
+                                                     "SAME") + params["bias"]) ** 2))
+    np.testing.assert_allclose(grad(params["kernel"]), want_grad(params["kernel"]), rtol=1e-4,
+                               atol=1e-4)
