@@ -316,3 +316,20 @@ def test_integer_resize_conv_runs_as_the_transposed_conv_it_equals(kernel_size, 
                                                      "SAME") + params["bias"]) ** 2))
     np.testing.assert_allclose(grad(params["kernel"]), want_grad(params["kernel"]), rtol=1e-4,
                                atol=1e-4)
+
+
+def test_the_sweep_collects_decoder_and_checkerboard_from_summary_json(tmp_path):
+    """cae.ablate.collect reads the new keys, and a run finished before them reads as empty."""
+    base = config.from_dict({"output": {"dir": str(tmp_path)}})
+    runs = ablate.plan_runs(base, config.AblationConfig(seeds=[0]))
+    summary = {"code_size": 256, "num_params": 10, "test_mse": 0.004, "test_psnr": 24.0,
+               "wall_time_s": 1.0, "train_images_per_sec": 5.0, "image_shape": [28, 28, 1]}
+    for run, extra in zip(runs, ({"decoder": "mirror", "checkerboard_score": 0.25,
+                                  "pca_checkerboard_score": 0.05}, {})):
+        run.dir.mkdir(parents=True)
+        (run.dir / "summary.json").write_text(json.dumps({**summary, **extra}))
+        (run.dir / "metrics.jsonl").write_text(json.dumps(
+            {"epoch": 1, "test_mse": 0.004, "initial_test_mse": 0.2}) + "\n")
+    rows, _ = ablate.collect(runs)
+    assert [(r["decoder"], r["checkerboard_score"], r["pca_checkerboard_score"]) for r in rows] \
+        == [("mirror", 0.25, 0.05), ("mirror", None, None)]
