@@ -383,11 +383,11 @@ def checkerboard_figure(overlaps: Sequence[tuple[str, np.ndarray]],
                            norm=LogNorm(lo, hi), extent=extent)
             ax.contour(np.arange(-(w // 2), w - w // 2), np.arange(-(h // 2), h - h // 2),
                        mask.astype(float), levels=[0.5], colors="cyan", linewidths=0.8)
-            ax.set_xlabel(f"column frequency (bin; +-{w // 2} = 0.5 cycles/pixel)")
-            ax.set_ylabel("row frequency (bin)")
+            ax.set_xlabel("column frequency (DFT bin)")
+            ax.set_ylabel("row frequency (DFT bin)")
             score_text = "n/a" if score is None else f"{score:.3f}"
-            ax.set_title(f"{label}\nmean test error spectrum; checkerboard {score_text}",
-                         fontsize=8)
+            ax.set_title(f"{label}\nmean test error spectrum; checkerboard {score_text}\n"
+                         f"(bin +-{w // 2} = 0.5 cycles/pixel)", fontsize=8)
         fig.colorbar(im, ax=list(axes[1, :len(spectra)]), shrink=0.7,
                      label="error power (sums to the MSE)")
         ax = axes[1, len(spectra)]
@@ -397,9 +397,9 @@ def checkerboard_figure(overlaps: Sequence[tuple[str, np.ndarray]],
             rows, cols_ = p.sum(axis=1), p.sum(axis=0)  # power per row / column frequency
             n = min(len(rows), len(cols_))
             freq = np.arange(n // 2 + 1)
-            # fold -f onto f: bins f and n - f are the same frequency's two signs
-            profile = [(rows[f] + rows[-f] + cols_[f] + cols_[-f]) / (2 if 0 < f < n - f
-                                                                      else 4) for f in freq]
+            # per bin, rows and columns averaged: bins f and n - f (the two signs of one
+            # frequency) are averaged, so the one Nyquist bin is not drawn at half height
+            profile = [(rows[f] + rows[-f] + cols_[f] + cols_[-f]) / 4 for f in freq]
             ax.plot(freq / n, profile, "o-", ms=3, color=f"C{i}", label=label)
         alias_f = np.flatnonzero(np.asarray(alias, bool)[:, 0])
         for j, f in enumerate(alias_f[alias_f <= len(alias) // 2]):
@@ -407,7 +407,7 @@ def checkerboard_figure(overlaps: Sequence[tuple[str, np.ndarray]],
                        label="alias frequency" if j == 0 else None)
         ax.set_yscale("log")
         ax.set_xlabel("frequency along rows or columns (cycles/pixel)")
-        ax.set_ylabel("error power at that frequency")
+        ax.set_ylabel("error power per DFT row / column")
         ax.set_title("error power per frequency\n(a checkerboard: a spike at the dashed line)",
                      fontsize=8)
         ax.grid(True, which="both", alpha=0.3)
