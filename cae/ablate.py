@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cae import ablation_report, cli, cluster, experiment, rundir, train
+from cae import ablation_report, cli, cluster, experiment, models, rundir, train
 from cae import config as config_lib
 from cae.config import AblationConfig, Config, ConfigError
 
@@ -135,6 +135,12 @@ def load_ablation_config(path: str | os.PathLike, overrides: Sequence[str] = (),
     for key in asked:
         if key in swept:
             raise ConfigError(f"--set {'.'.join(key)}: {swept[key]}")
+    decoder = (raw.get("model") or {}).get("decoder", "mirror")
+    if isinstance(raw.get("model"), dict) and decoder not in models.TIEABLE_DECODERS:
+        # Every run of this sweep is trained tied and untied; only the mirror can be tied.
+        raise ConfigError(f"model.decoder={decoder!r}: the sweep trains every run tied and "
+                          f"untied, and only {' | '.join(models.TIEABLE_DECODERS)} can be tied; "
+                          "compare other decoders with cae.train runs (model.tied=false)")
     notes = []
     for (section, key), why in swept.items():  # in the file: not asked for with --set
         values = raw.get(section)
@@ -237,6 +243,9 @@ def collect(runs: Sequence[Run]) -> tuple[list[dict], dict[str, np.ndarray]]:
             "pca_test_mse": _optional(summary, "pca_test_mse"),
             "linear_probe_acc": _optional(summary, "linear_probe_acc"),
             "pca_probe_acc": _optional(summary, "pca_probe_acc"),
+            "decoder": summary.get("decoder", run.cfg.model.decoder),
+            "checkerboard_score": _optional(summary, "checkerboard_score"),
+            "pca_checkerboard_score": _optional(summary, "pca_checkerboard_score"),
             "wall_time_s": float(summary["wall_time_s"]),
             "train_images_per_sec": float(summary["train_images_per_sec"]),
             "run_dir": run.name,

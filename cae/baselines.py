@@ -26,10 +26,12 @@ from pathlib import Path
 import numpy as np
 
 from cae import probe as probe_lib
+from cae import spectra
 from cae.files import write_atomic
 
-__all__ = ["PCA", "fit_pca", "reconstruction_mse", "codes", "PCABaseline", "pca_baseline",
-           "dataset_fingerprint", "cache_dir"]
+__all__ = ["PCA", "fit_pca", "reconstruction_mse", "reconstruction_error_spectrum", "codes",
+           "PCABaseline", "pca_baseline", "pca_error_spectrum", "dataset_fingerprint",
+           "cache_dir"]
 
 _ROWS_PER_CHUNK = 8192
 
@@ -92,6 +94,20 @@ def reconstruction_mse(pca: PCA, images: np.ndarray, k: int) -> float:
     return total / (len(images) * pca.components.shape[0])
 
 
+def reconstruction_error_spectrum(pca: PCA, images: np.ndarray, k: int) -> np.ndarray:
+    """The mean power spectrum [H, W] of the error of reconstructing ``images`` [N, H, W, C]
+    uint8 from their top-k PCA coefficients (clipped to [0, 1], as in
+    :func:`reconstruction_mse`); it sums to that MSE (``cae.spectra.power_spectrum``)."""
+    basis = pca.components[:, :k]
+    shape = images.shape[1:]
+    total = np.zeros(shape[:2])
+    for start in range(0, len(images), _ROWS_PER_CHUNK):
+        x = _flat(images, start, start + _ROWS_PER_CHUNK)
+        recon = np.clip(pca.mean + ((x - pca.mean) @ basis) @ basis.T, 0.0, 1.0)
+        total += spectra.power_spectrum((recon - x).reshape(len(x), *shape)) * len(x)
+    return total / len(images)
+
+
 # ----------------------------------------------------------------------------------------------
 # Cached per dataset: the basis once, each k's figures once
 # ----------------------------------------------------------------------------------------------
@@ -151,6 +167,21 @@ def _load_or_fit(train: np.ndarray, folder: Path) -> PCA:
     return pca
 
 
+def _folder(ds, folder: str | os.PathLike | None) -> Path:
+    if folder is None:
+        key = dataset_fingerprint(ds.train, ds.test, ds.train_labels, ds.test_labels)
+        folder = cache_dir() / "baselines" / f"{ds.name.replace('/', '_')}-{key}"
+    return Path(folder)
+
+
+def pca_error_spectrum(ds, k: int, *, folder: str | os.PathLike | None = None) -> np.ndarray:
+    """PCA-k's test reconstruction error's mean power spectrum [H, W] on ``ds`` (the basis from
+    the cache :func:`pca_baseline` shares, fitted if missing): what the checkerboard score of a
+    model is read against."""
+    return reconstruction_error_spectrum(_load_or_fit(ds.train, _folder(ds, folder)), ds.test,
+                                         int(k))
+
+
 def pca_baseline(ds, k: int, *, probe: bool = False, folder: str | os.PathLike | None = None,
                  probe_steps: int | None = None) -> PCABaseline:
     """PCA-k on ``ds`` (a :class:`cae.data.Dataset`): fitted on ``ds.train``, scored on
@@ -166,10 +197,7 @@ def pca_baseline(ds, k: int, *, probe: bool = False, folder: str | os.PathLike |
         raise ValueError(f"PCA with k={k} components: need 1 <= k <= {d} (pixels per image)")
     probe = probe and ds.train_labels is not None and ds.test_labels is not None
     steps = probe_lib.DEFAULT_STEPS if probe_steps is None else int(probe_steps)
-    if folder is None:
-        key = dataset_fingerprint(ds.train, ds.test, ds.train_labels, ds.test_labels)
-        folder = cache_dir() / "baselines" / f"{ds.name.replace('/', '_')}-{key}"
-    folder = Path(folder)
+    folder = _folder(ds, folder)
     result_path = folder / f"k{k}{f'-probe{steps}' if probe else ''}.json"
     try:
         cached = json.loads(result_path.read_text())

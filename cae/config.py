@@ -52,6 +52,10 @@ class ModelConfig:
     strides: int | list[int] = 2
     padding: int | str | list[int | str] = 1  # ints, "SAME" or "VALID"
     tied: bool = True  # decoder layer i reuses encoder layer i's kernel array
+    # How the decoder upsamples: "mirror" (the encoder's exact transposes, tied or untied),
+    # "resize_conv" (nearest-neighbour upsampling, then a stride-1 conv) or "resize_conv_deep"
+    # (the same plus a residual conv at each coarser size). Only "mirror" can be tied.
+    decoder: Literal[models.DECODERS] = "mirror"
     activation: Literal[_ACTIVATIONS] = "relu"
     # On the code (the last encoder layer's output): "none" keeps it linear in the last conv.
     code_activation: Literal[("none", *_ACTIVATIONS)] = "none"
@@ -285,6 +289,10 @@ def validate(cfg: Config) -> None:
     _require(m.code_size is None or m.code_size >= 1, "model.code_size", m.code_size,
              "must be >= 1 (numbers per image in the fully connected code) or null (no such "
              "layer: the code is the last conv's output map)")
+    _require(not m.tied or m.decoder in models.TIEABLE_DECODERS, "model.tied", m.tied,
+             f"model.decoder={m.decoder!r} has no encoder kernel to share (its layers are "
+             "stride-1 convs of the upsampled map, not the encoder's transposes); set "
+             "model.tied=false, or model.decoder=mirror to tie")
     n = len(m.features)
     for key, k in _layer_values(m.kernel_size, n, "model.kernel_size"):
         _require(k >= 1, key, k, "must be >= 1")

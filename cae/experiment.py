@@ -21,7 +21,7 @@ from flax import struct
 from flax.training import train_state
 from matplotlib.figure import Figure
 
-from cae import baselines, models, plots, probe
+from cae import baselines, models, plots, probe, spectra
 from cae import config as config_lib
 from cae import data as data_lib
 from cae.config import Config, ConfigError
@@ -29,7 +29,7 @@ from cae.config import Config, ConfigError
 __all__ = ["TrainState", "build_model", "build_optimizer", "create_train_state", "state_tree",
            "load_data", "model_code_shape", "check_geometry", "reconstruct", "psnr",
            "linear_baseline", "pca_labels", "probe_accuracy", "test_reconstructions",
-           "run_figures"]
+           "run_figures", "checkerboard_stride", "test_error_spectrum", "checkerboard"]
 
 
 class TrainState(train_state.TrainState):
@@ -55,7 +55,7 @@ def build_model(cfg: Config, image_shape=None) -> models.ConvAutoencoder:
         tied=m.tied, activation=m.activation, code_activation=m.code_activation,
         impl=m.conv_transpose_impl,
         image_shape=None if image_shape is None else tuple(int(v) for v in image_shape),
-        code_size=m.code_size,
+        code_size=m.code_size, decoder=m.decoder,
     )
 
 
@@ -210,3 +210,63 @@ def run_figures(cfg: Config, ds: data_lib.Dataset, params, history: list[dict], 
             history, loss_name=f"train loss ({cfg.train.loss.upper()})", title=where,
             baseline=baseline),
     }
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkerboard artifacts: the score (summary.json) and its picture
+# ----------------------------------------------------------------------------------------------
+
+
+def checkerboard_stride(cfg: Config) -> int:
+    """The stride of the decoder layer that writes the image (encoder layer 0's): the period of
+    the pattern an uneven overlap there paints, the one the checkerboard score looks for."""
+    return int(config_lib.per_layer(cfg.model.strides, len(cfg.model.features),
+                                    "model.strides")[0])
+
+
+def test_error_spectrum(cfg: Config, ds: data_lib.Dataset, params) -> np.ndarray:
+    """The mean power spectrum [H, W] of the model's test reconstruction errors (sigmoid output
+    minus image, every test image, channels averaged; ``spectra.power_spectrum``'s scaling, so
+    it sums to the test MSE)."""
+    apply_fn = build_model(cfg).apply
+    total = np.zeros(ds.image_shape[:2])
+    step = cfg.train.eval_batch_size
+    for start in range(0, len(ds.test), step):
+        images = ds.test[start:start + step]
+        recon = np.asarray(_reconstruct(apply_fn, params, jnp.asarray(images)), np.float64)
+        total += spectra.power_spectrum(recon - data_lib.normalize(images)) * len(images)
+    return total / len(ds.test)
+
+
+def checkerboard(cfg: Config, ds: data_lib.Dataset, params, code_size: int, pca
+                 ) -> tuple[dict, Figure]:
+    """The checkerboard score of the model's test errors beside PCA-``code_size``'s (``pca``:
+    ``linear_baseline``'s, None without one) -> (summary.json's keys, checkerboard.png: each
+    decoder layer's overlap map and both mean error spectra)."""
+    stride = checkerboard_stride(cfg)
+    spectrum = test_error_spectrum(cfg, ds, params)
+    pca_spectrum = None if pca is None else baselines.pca_error_spectrum(ds, code_size)
+    score = spectra.checkerboard_score(spectrum, stride)
+    pca_score = (None if pca_spectrum is None
+                 else spectra.checkerboard_score(pca_spectrum, stride))
+    keys = {"decoder": cfg.model.decoder, "checkerboard_stride": stride,
+            "checkerboard_score": score, "pca_checkerboard_score": pca_score,
+            "checkerboard_chance": spectra.chance_score(ds.image_shape[:2], stride),
+            # the same bins' power in MSE units: a share is read against the whole error
+            "checkerboard_mse": spectra.alias_power(spectrum, stride),
+            "pca_checkerboard_mse": (None if pca_spectrum is None
+                                     else spectra.alias_power(pca_spectrum, stride))}
+    m = build_model(cfg)
+    overlaps = [(f"decoder layer {i}: {h}x{w}", overlap) for i, overlap in models.overlap_maps(
+        ds.image_shape, m.features, m.kernel_size, m.strides, m.padding, m.code_size,
+        m.decoder) for h, w in [overlap.shape]]
+    shown = [(f"{cfg.model.decoder} decoder ({'tied' if cfg.model.tied else 'untied'})",
+              spectrum, score)]
+    if pca_spectrum is not None:
+        shown.append((f"PCA, {code_size} components", pca_spectrum, pca_score))
+    figure = plots.checkerboard_figure(
+        overlaps, shown, spectra.alias_mask(ds.image_shape[:2], stride),
+        title=f"{ds.name}, code of {code_size} numbers: checkerboard score = share of the "
+              f"error's non-DC power at the stride-{stride} alias frequencies "
+              f"(white noise: {keys['checkerboard_chance']:.3f})")
+    return keys, figure

@@ -7,6 +7,24 @@ the exact adjoint of encoder layer i's conv (``cae.ops``). With ``tied=True``, `
 model has exactly ``sum_i |K_i|`` fewer parameters than the untied one. ``output_padding_i`` is
 chosen from encoder layer i's input size, so every decoder layer restores exactly that size
 (28 -> 14 -> 7 -> 4 -> 7 -> 14 -> 28 for k=3, s=2, p=1).
+
+``decoder`` picks how the decoder upsamples (:data:`DECODERS`):
+
+* ``"mirror"`` (the default): the transposes above, tied or untied.
+* ``"resize_conv"``: decoder layer i is ``x' = conv(nearest_resize(y', size_i), K_i', 1, SAME)
+  + c_i``: nearest-neighbour upsampling to encoder layer i's input size, then a stride-1 conv
+  (Odena, Dumoulin & Olah, Distill 2016). Every output pixel is reached by the same number of
+  kernel taps (a k=3, s=2 transpose reaches them with 1, 2 or 4), so the layer cannot paint a
+  checkerboard by construction. Its kernel ``[k, k, C_out_i, C_in_i]`` has as many numbers as
+  the untied mirror's: the same parameter count, but no encoder kernel to share (not tied).
+* ``"resize_conv_deep"``: ``resize_conv`` with, before each upsampling, a residual stride-1 conv
+  at the coarser size, ``y' + conv(act(y'), R_i, 1, SAME)`` with ``R_i`` ``[k, k, F_i, F_i]``
+  initialised to zero (so at initialisation it computes what ``resize_conv`` computes):
+  more capacity where the maps are small, hence cheap.
+
+A layer whose kernel covers its whole input (the fully connected code, ``code_size``) has no
+spatial structure to upsample: every decoder decodes it with its ``W^T``-shaped transpose
+(``resize_conv*``: a kernel of its own).
 """
 
 from __future__ import annotations
@@ -17,11 +35,17 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from cae import cpu_speed, ops
 
-__all__ = ["ConvAutoencoder", "StridedConv", "TransposedConv", "ACTIVATIONS", "layer_sizes",
-           "layer_plan", "code_shape", "kernel_hw"]
+__all__ = ["ConvAutoencoder", "StridedConv", "TransposedConv", "ResizeConv", "ACTIVATIONS",
+           "DECODERS", "TIEABLE_DECODERS", "layer_sizes", "layer_plan", "code_shape", "kernel_hw",
+           "covers_input", "nearest_resize", "overlap_maps", "resize_conv_as_transpose"]
+
+# model.decoder's names. Only "mirror" has an encoder kernel for each decoder layer to share.
+DECODERS = ("mirror", "resize_conv", "resize_conv_deep")
+TIEABLE_DECODERS = ("mirror",)
 
 ACTIVATIONS = {
     "relu": nn.relu,
@@ -90,6 +114,77 @@ class TransposedConv(nn.Module):
         return cpu_speed.add_bias(x, bias)
 
 
+def nearest_resize(x: jax.Array, output_hw: Sequence[int]) -> jax.Array:
+    """Nearest-neighbour resize, x: [N, h, w, C] -> [N, H, W, C]: output pixel i reads input
+    pixel ``floor((i + 0.5) * h / H)`` (``jax.image.resize``'s "nearest"); an exact 2x copies
+    each pixel into a 2x2 block. A gather, so its gradient is a scatter-add."""
+    rows = (np.arange(output_hw[0]) + 0.5) * x.shape[1] / output_hw[0]
+    cols = (np.arange(output_hw[1]) + 0.5) * x.shape[2] / output_hw[1]
+    x = jnp.take(x, np.floor(rows).astype(np.int32), axis=1)
+    return jnp.take(x, np.floor(cols).astype(np.int32), axis=2)
+
+
+class ResizeConv(nn.Module):
+    """``x = conv(nearest_resize(y, output_hw), kernel, 1, "SAME") + bias``: the resize-conv
+    upsampling layer (Odena et al. 2016). y: [N, h, w, C_in] -> [N, *output_hw, features].
+    The kernel [k, k, C_in, features] is He-normal like an encoder conv's, or zeros with
+    ``zero_init`` (a residual branch that starts switched off). Same size in and out: no
+    resize, a plain stride-1 conv."""
+
+    features: int
+    kernel_size: int | tuple[int, int]  # k (square) or (kh, kw)
+    output_hw: tuple[int, int]
+    zero_init: bool = False
+
+    @nn.compact
+    def __call__(self, y: jax.Array) -> jax.Array:
+        init = nn.initializers.zeros if self.zero_init else _encoder_init
+        kernel = self.param("kernel", init,
+                            (*kernel_hw(self.kernel_size), y.shape[-1], self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        ratio = [o // i if o % i == 0 else 0 for o, i in zip(self.output_hw, y.shape[1:3])]
+        if min(ratio) >= 1 and max(ratio) > 1:
+            # An integer upsampling: the same numbers as a transposed conv (s*s times fewer
+            # multiplications than convolving the upsampled map; see resize_conv_as_transpose).
+            k, pads = resize_conv_as_transpose(kernel, ratio)
+            return cpu_speed.add_bias(ops.conv_transpose(y, k, ratio, pads), bias)
+        if tuple(y.shape[1:3]) != tuple(self.output_hw):
+            y = nearest_resize(y, self.output_hw)
+        return cpu_speed.add_bias(ops.conv(y, kernel, 1, "SAME"), bias)
+
+
+def resize_conv_as_transpose(kernel: jax.Array, strides: Sequence[int]):
+    """A stride-1 "SAME" conv (kernel [kh, kw, C_in, C_out]) of a map nearest-upsampled by the
+    integers ``strides`` (s_h, s_w) is a transposed conv: -> (its forward kernel
+    [kh + s_h - 1, kw + s_w - 1, C_out, C_in], its padding ((P, Q), (P', Q'))) for
+    ``ops.conv_transpose(y, kernel', strides, padding)``.
+
+    Along one axis, with ``lo = (k - 1) // 2`` (SAME's padding before), output pixel i reads
+    ``y[floor((i + j - lo) / s)]`` through tap j, so ``x[i] = sum_o y[o] K'[i - o*s + P]`` with
+    ``K'[q] = sum of K[j] for lo - q + P <= j < lo - q + P + s``, ``P = k - 1 - lo``, and the
+    output size s*h needs ``Q = lo``. The zero padding matches too: an upsampled pixel outside
+    the map is a y outside [0, h), which the transposed conv takes as zero.
+    """
+    mats, pads = [], []
+    for k, s in zip(kernel.shape[:2], strides):
+        lo = (k - 1) // 2
+        p = k - 1 - lo
+        q = np.arange(k + s - 1)[:, None]
+        j = np.arange(k)[None, :]
+        mats.append(jnp.asarray((j >= lo - q + p) & (j < lo - q + p + s), kernel.dtype))
+        pads.append((p, lo))
+    folded = jnp.einsum("aj,bl,jlio->aboi", mats[0], mats[1], kernel)
+    return folded, tuple(pads)
+
+
+def covers_input(input_hw: Sequence[int], kernel_size, strides: int, padding) -> bool:
+    """Whether an encoder layer's kernel spans its whole unpadded input (output 1x1): a fully
+    connected layer, e.g. the ``code_size`` bottleneck."""
+    khw = kernel_hw(kernel_size)
+    pads = ops.resolve_padding(padding, input_hw, khw, strides)
+    return tuple(khw) == tuple(int(v) for v in input_hw) and pads == ((0, 0), (0, 0))
+
+
 class ConvAutoencoder(nn.Module):
     """Encoder of ``len(features)`` strided convs, decoder of their transposes, output logits.
 
@@ -122,6 +217,7 @@ class ConvAutoencoder(nn.Module):
     impl: str = ops.DEFAULT_IMPL
     image_shape: tuple[int, int, int] | None = None
     code_size: int | None = None
+    decoder: str = "mirror"  # one of DECODERS
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [N, H, W, C] -> logits [N, H, W, C]."""
@@ -172,13 +268,26 @@ class ConvAutoencoder(nn.Module):
                              f"expected {(*sizes[-1], features[-1])}")
         if not decode:
             return x
+        if self.decoder not in DECODERS:
+            raise ValueError(f"decoder={self.decoder!r}: allowed are {DECODERS}")
+        if self.tied and self.decoder not in TIEABLE_DECODERS:
+            raise ValueError(f"decoder={self.decoder!r} has no encoder kernel to share: "
+                             "tied=True needs decoder='mirror'")
         for i in reversed(range(n)):
-            # Tied: hand decoder layer i the encoder's kernel leaf itself (not a copy), so its
-            # gradient accumulates from both uses.
-            kernel = encoder[i].variables["params"]["kernel"] if self.tied else None
-            x = TransposedConv(channels[i], kernel_size[i], strides[i], padding[i], sizes[i],
-                               self.impl, name=f"decoder_{i}")(
-                x, kernel)
+            if self.decoder == "mirror" or covers_input(sizes[i], kernel_size[i], strides[i],
+                                                        padding[i]):
+                # Tied: hand decoder layer i the encoder's kernel leaf itself (not a copy), so
+                # its gradient accumulates from both uses.
+                kernel = encoder[i].variables["params"]["kernel"] if self.tied else None
+                x = TransposedConv(channels[i], kernel_size[i], strides[i], padding[i],
+                                   sizes[i], self.impl, name=f"decoder_{i}")(x, kernel)
+            else:
+                if self.decoder == "resize_conv_deep":
+                    # Refine at the coarse size, where a conv is s*s times cheaper than after
+                    # the upsampling; zero-initialised so training starts from resize_conv.
+                    x = x + ResizeConv(features[i], kernel_size[i], tuple(x.shape[1:3]),
+                                       zero_init=True, name=f"decoder_{i}_refine")(act(x))
+                x = ResizeConv(channels[i], kernel_size[i], sizes[i], name=f"decoder_{i}")(x)
             if i > 0:
                 x = act(x)
         return x
@@ -231,3 +340,33 @@ def layer_sizes(input_hw: Sequence[int], kernel_size: Sequence[Any], strides: Se
         sizes.append(tuple(ops.conv_output_size(size, kk, s, pad)
                            for size, kk, pad in zip(hw, khw, pads)))
     return sizes
+
+
+def overlap_maps(image_shape: Sequence[int], features: Sequence[int], kernel_size: Sequence[Any],
+                 strides: Sequence[int], padding: Sequence[Any], code_size: int | None = None,
+                 decoder: str = "mirror") -> list[tuple[int, np.ndarray]]:
+    """How many kernel taps reach each output pixel of each spatial decoder layer: the layer's
+    linear part with an all-ones kernel (one channel) applied to an all-ones input.
+
+    -> [(i, map [H_i, W_i] float32)] for decoder layers i = n-1 .. 0 (the order they run), the
+    fully connected code layer left out (it has no spatial structure). A k=3, s=2 transpose gives
+    1, 2 and 4 taps in a checkerboard; k=4, s=2 gives 4 everywhere inside; a resize-conv gives
+    k*k everywhere inside (fewer at the border, where SAME pads with zeros).
+    """
+    features, kernel_size, strides, padding = layer_plan(
+        image_shape, features, kernel_size, strides, padding, code_size)
+    sizes = layer_sizes(image_shape[:2], kernel_size, strides, padding)
+    maps = []
+    for i in reversed(range(len(features))):
+        if covers_input(sizes[i], kernel_size[i], strides[i], padding[i]):
+            continue
+        khw = kernel_hw(kernel_size[i])
+        ones_in = jnp.ones((1, *sizes[i + 1], 1), jnp.float32)
+        ones_k = jnp.ones((*khw, 1, 1), jnp.float32)
+        if decoder == "mirror":
+            op = ops.output_padding_for(sizes[i], khw, strides[i], padding[i])
+            out = ops.conv_transpose(ones_in, ones_k, strides[i], padding[i], op)
+        else:
+            out = ops.conv(nearest_resize(ones_in, sizes[i]), ones_k, 1, "SAME")
+        maps.append((i, np.asarray(out[0, :, :, 0])))
+    return maps

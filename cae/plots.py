@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import matplotlib
 import numpy as np
+from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
@@ -23,7 +24,7 @@ from cae.files import write_atomic
 
 __all__ = ["reconstruction_figure", "save_figure", "curves_figure",
            "filters_figure", "pca_2d", "codes_figure", "unit_decodes_figure",
-           "ablation_figure", "rate_distortion_figure"]
+           "ablation_figure", "rate_distortion_figure", "checkerboard_figure"]
 
 
 def save_figure(path: str | os.PathLike, fig: Figure, dpi: int = 100) -> None:
@@ -329,4 +330,88 @@ def rate_distortion_figure(code_sizes: np.ndarray, final_mse: dict[str, np.ndarr
     right.set_title("times lower MSE than PCA at the same size")
     if title:
         fig.suptitle(title)
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkerboard artifacts (cae.experiment.checkerboard)
+# ----------------------------------------------------------------------------------------------
+
+
+def checkerboard_figure(overlaps: Sequence[tuple[str, np.ndarray]],
+                        spectra: Sequence[tuple[str, np.ndarray, float | None]],
+                        alias: np.ndarray, title: str | None = None) -> Figure:
+    """Top row: each decoder layer's overlap map ([H_i, W_i]: how many kernel taps reach each
+    output pixel; a checkerboard of 1, 2, 4 is the k=3, s=2 transpose's), its top-left 8x8
+    corner at most, each pixel labelled with its count. Bottom row: mean error power spectra
+    (name, [H, W] in ``np.fft.fft2`` order, score), centred (0 in the middle, +-0.5 cycles per
+    pixel at the edges), on one log colour scale; ``alias`` [H, W] (the bins the score counts)
+    is outlined in cyan; last, each spectrum's power per frequency along the rows and columns
+    (the two marginals averaged), where a checkerboard is a spike at the alias frequency."""
+    spectra = list(spectra)
+    cols = max(len(overlaps), len(spectra) + 1 if spectra else 1)
+    fig = Figure(figsize=(3.3 * cols + 1.0, 7.0), layout="constrained")
+    axes = fig.subplots(2, cols, squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for ax, (label, overlap) in zip(axes[0], overlaps):
+        ax.set_axis_on()
+        corner = np.asarray(overlap)[:8, :8]
+        im = ax.imshow(corner, cmap="viridis", vmin=0, vmax=max(float(overlap.max()), 1.0),
+                       interpolation="nearest")
+        for (r, c), v in np.ndenumerate(corner):
+            ax.text(c, r, f"{v:g}", ha="center", va="center", fontsize=7, color="w")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        inside = np.asarray(overlap)[2:-2, 2:-2]
+        counts = (f"{inside.min():g} to {inside.max():g}" if inside.size and inside.min()
+                  != inside.max() else f"{inside.max() if inside.size else 0:g} everywhere")
+        ax.set_title(f"{label}\ntaps per pixel inside: {counts}", fontsize=8)
+        fig.colorbar(im, ax=ax, shrink=0.7, label="kernel taps")
+    if overlaps:
+        axes[0, 0].set_ylabel("overlap map (top-left corner)")
+    if spectra:
+        shown = [np.fft.fftshift(np.asarray(p, np.float64)) for _, p, _ in spectra]
+        positive = np.concatenate([p[p > 0] for p in shown] or [np.ones(1)])
+        lo, hi = float(np.percentile(positive, 1)), float(positive.max())
+        mask = np.fft.fftshift(np.asarray(alias, bool))
+        h, w = mask.shape
+        extent = (-w // 2 - 0.5, w - w // 2 - 0.5, h - h // 2 - 0.5, -h // 2 - 0.5)
+        for ax, (label, _, score), p in zip(axes[1], spectra, shown):
+            ax.set_axis_on()
+            im = ax.imshow(np.maximum(p, lo), cmap="magma", interpolation="nearest",
+                           norm=LogNorm(lo, hi), extent=extent)
+            ax.contour(np.arange(-(w // 2), w - w // 2), np.arange(-(h // 2), h - h // 2),
+                       mask.astype(float), levels=[0.5], colors="cyan", linewidths=0.8)
+            ax.set_xlabel("column frequency (DFT bin)")
+            ax.set_ylabel("row frequency (DFT bin)")
+            score_text = "n/a" if score is None else f"{score:.3f}"
+            ax.set_title(f"{label}\nmean test error spectrum; checkerboard {score_text}\n"
+                         f"(bin +-{w // 2} = 0.5 cycles/pixel)", fontsize=8)
+        fig.colorbar(im, ax=list(axes[1, :len(spectra)]), shrink=0.7,
+                     label="error power (sums to the MSE)")
+        ax = axes[1, len(spectra)]
+        ax.set_axis_on()
+        for i, (label, p, _) in enumerate(spectra):
+            p = np.asarray(p, np.float64)
+            rows, cols_ = p.sum(axis=1), p.sum(axis=0)  # power per row / column frequency
+            n = min(len(rows), len(cols_))
+            freq = np.arange(n // 2 + 1)
+            # per bin, rows and columns averaged: bins f and n - f (the two signs of one
+            # frequency) are averaged, so the one Nyquist bin is not drawn at half height
+            profile = [(rows[f] + rows[-f] + cols_[f] + cols_[-f]) / 4 for f in freq]
+            ax.plot(freq / n, profile, "o-", ms=3, color=f"C{i}", label=label)
+        alias_f = np.flatnonzero(np.asarray(alias, bool)[:, 0])
+        for j, f in enumerate(alias_f[alias_f <= len(alias) // 2]):
+            ax.axvline(f / len(alias), color="cyan", linestyle="--",
+                       label="alias frequency" if j == 0 else None)
+        ax.set_yscale("log")
+        ax.set_xlabel("frequency along rows or columns (cycles/pixel)")
+        ax.set_ylabel("error power per DFT row / column")
+        ax.set_title("error power per frequency\n(a checkerboard: a spike at the dashed line)",
+                     fontsize=8)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
     return fig

@@ -33,6 +33,8 @@ def write_report(cfg: Config, state: experiment.TrainState, ds: data_lib.Dataset
     shown = experiment.test_reconstructions(cfg, ds, state.params)
     figures = experiment.run_figures(cfg, ds, state.params, history, epoch=cfg.train.epochs,
                                      code_size=code_size, pca=pca, shown=shown)
+    checkerboard, figures["checkerboard.png"] = experiment.checkerboard(
+        cfg, ds, state.params, code_size, pca)
     for name, figure in figures.items():
         plots.save_figure(out_dir / name, figure)
     writer.add_images("test/reconstructions", np.concatenate(shown), step, dataformats="NHWC")
@@ -59,6 +61,9 @@ def write_report(cfg: Config, state: experiment.TrainState, ds: data_lib.Dataset
         "image_shape": list(ds.image_shape),
         "linear_probe_acc": probe_acc,  # None: switched off, or a dataset without labels
         "code_size": code_size,  # numbers per image in the code
+        # decoder, checkerboard_stride, checkerboard_score, pca_checkerboard_score (None
+        # without PCA), checkerboard_chance (white noise's score): docs/results.md
+        **checkerboard,
     }
     if pca is not None:  # the linear baseline with as many numbers: PCA-code_size
         summary["pca_test_mse"] = pca.test_mse
@@ -81,6 +86,10 @@ def summary_line(summary: dict) -> str:
     else:
         parts[0] += f"; code of {summary['code_size']} numbers: no PCA baseline)"
     parts.append(f"test_psnr {summary['test_psnr']:.2f} dB")
+    if summary.get("checkerboard_score") is not None:
+        pca_cb = summary.get("pca_checkerboard_score")
+        parts.append(f"checkerboard {summary['checkerboard_score']:.3f}"
+                     + ("" if pca_cb is None else f" (PCA {pca_cb:.3f})"))
     if summary.get("linear_probe_acc") is not None:
         pca_probe = summary.get("pca_probe_acc")
         parts.append(f"linear_probe_acc {summary['linear_probe_acc']:.4f}"

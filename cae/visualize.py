@@ -1,6 +1,6 @@
 """Draw every picture of a run: ``python -m cae.visualize RUN_DIR [--out DIR]``.
 
-Loads ``RUN_DIR/config.yaml``, the latest checkpoint and the data, and writes five PNGs into
+Loads ``RUN_DIR/config.yaml``, the latest checkpoint and the data, and writes six PNGs into
 ``RUN_DIR`` (or ``--out``): ``reconstructions.png``, ``curves.png``, ``filters.png``,
 ``codes_pca.png`` and ``unit_decodes.png`` (see docs/run-dir.md, *Pictures*). Works on
 finished and unfinished runs (the latest checkpoint is drawn). User mistakes (no such folder,
@@ -26,7 +26,7 @@ __all__ = ["PICTURES", "one_hot_codes", "decode_codes", "load_run",
            "write_pictures", "visualize", "main", "VisualizeError"]
 
 PICTURES = ("reconstructions.png", "curves.png", "filters.png", "codes_pca.png",
-            "unit_decodes.png")
+            "unit_decodes.png", "checkerboard.png")
 CODE_POINTS = 5000  # test codes in codes_pca.png (PCA fitted on the whole test split)
 
 
@@ -96,12 +96,13 @@ def _report_skipped(epoch: int, reason: str, moved_to: Path | None) -> None:
 
 
 def write_pictures(cfg, ds, params, history: list[dict], out_dir: Path, epoch: int) -> list[Path]:
-    """Compute everything first, then write the five PNGs (atomically) into ``out_dir``."""
+    """Compute everything first, then write the six PNGs (atomically) into ``out_dir``."""
     model = experiment.build_model(cfg, ds.image_shape)
     where = f"{ds.name}, {'tied' if cfg.model.tied else 'untied'}, epoch {epoch}"
     code_size, pca = experiment.linear_baseline(cfg, ds)
     figures = experiment.run_figures(cfg, ds, params, history, epoch=epoch, code_size=code_size,
                                      pca=pca)
+    _, figures["checkerboard.png"] = experiment.checkerboard(cfg, ds, params, code_size, pca)
     kernel = np.asarray(params["encoder_0"]["kernel"])  # [k, k, C, F]
     figures["filters.png"] = plots.filters_figure(
         kernel, title=f"{where}: the first encoder layer's {kernel.shape[-1]} filters "
