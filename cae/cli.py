@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import os
 import signal
 import sys
@@ -132,16 +131,6 @@ def _hard_exit_after(read_fd: int, grace_s: float, message: str) -> None:
                 os._exit(128 + signal.SIGTERM)
 
 
-def _in_gc_callback(frame: Any) -> bool:
-    """Is ``frame`` (or a caller of it) a ``gc.callbacks`` function (JAX registers one)?"""
-    codes = {getattr(cb, "__code__", None) for cb in gc.callbacks}
-    while frame is not None:
-        if frame.f_code in codes:
-            return True
-        frame = frame.f_back
-    return False
-
-
 @contextlib.contextmanager
 def terminate_promptly(message: str, grace_s: float = 5.0):
     """Within the block, SIGTERM raises :class:`Terminated` in the main thread, and ends the
@@ -157,13 +146,18 @@ def terminate_promptly(message: str, grace_s: float = 5.0):
     os.set_blocking(write_fd, False)
 
     def raise_terminated(signum: int, frame: Any) -> None:
-        if _in_gc_callback(frame):
-            # Raised there, Python would print it as "Exception ignored in <gc callback>" with a
-            # traceback, and drop it: ask again in a moment, once the collection is over.
-            threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGTERM)).start()
-            return
         raise Terminated()
 
+    def unraisable(info: Any) -> None:
+        # Terminated raised where Python cannot pass it on (a __del__, a gc callback such as
+        # JAX's) would be printed as "Exception ignored in ..." with a traceback, and dropped:
+        # say nothing and ask again in a moment, when the main thread is back in our code.
+        if isinstance(info.exc_value, Terminated):
+            threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGTERM)).start()
+            return
+        old_hook(info)
+
+    old_hook, sys.unraisablehook = sys.unraisablehook, unraisable
     old_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
     old_handler = signal.signal(signal.SIGTERM, raise_terminated)
     threading.Thread(target=_hard_exit_after, args=(read_fd, grace_s, message),
@@ -173,4 +167,6 @@ def terminate_promptly(message: str, grace_s: float = 5.0):
     finally:
         signal.signal(signal.SIGTERM, old_handler)
         signal.set_wakeup_fd(old_fd)
+        if sys.unraisablehook is unraisable:
+            sys.unraisablehook = old_hook
         os.close(write_fd)  # the watchdog reads end-of-file and ends
