@@ -221,6 +221,25 @@ def _nnx_kernel_size(kernel_size, num_spatial_dims: int) -> tuple[int, ...]:
     return tuple(int(k) for k in kernel_size)
 
 
+def _nnx_params(shape: tuple[int, ...], out_features: int, use_bias: bool, rngs: nnx.Rngs,
+                param_dtype) -> tuple[nnx.Param, nnx.Param | None]:
+    """(kernel of ``shape``, bias [out_features] or None) with PyTorch's default init, whose
+    fan_in is the product of all kernel axes but the last for both layer kinds."""
+    fan_in = math.prod(shape[:-1])
+    init = torch_uniform(())
+    kernel = nnx.Param(init(rngs.params(), shape, param_dtype, fan_in))
+    bias = (nnx.Param(init(rngs.params(), (out_features,), param_dtype, fan_in))
+            if use_bias else None)
+    return kernel, bias
+
+
+def _load_torch(layer: nnx.Module, m) -> nnx.Module:
+    """``layer`` with the torch module ``m``'s weights (converted to our layout) -> ``layer``."""
+    for name, value in _variables(m)["params"].items():
+        getattr(layer, name)[...] = value
+    return layer
+
+
 class NNXConv(nnx.Module):
     """PyTorch's ``Conv{N}d(in_features, out_features, kernel_size, stride, padding, dilation,
     groups, bias)`` as a Flax NNX module on channels-last input. N = ``len(kernel_size)``, or
@@ -236,11 +255,7 @@ class NNXConv(nnx.Module):
                              f"out_features={out_features} must both be divisible by groups")
         k = _nnx_kernel_size(kernel_size, num_spatial_dims)
         shape = (*k, in_features // groups, out_features)
-        fan_in = math.prod(shape[:-1])
-        init = torch_uniform(())
-        self.kernel = nnx.Param(init(rngs.params(), shape, param_dtype, fan_in))
-        self.bias = (nnx.Param(init(rngs.params(), (out_features,), param_dtype, fan_in))
-                     if use_bias else None)
+        self.kernel, self.bias = _nnx_params(shape, out_features, use_bias, rngs, param_dtype)
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -255,9 +270,7 @@ class NNXConv(nnx.Module):
         layer = cls(m.in_channels, m.out_channels, tuple(m.kernel_size), tuple(m.stride),
                     _torch_padding(m), tuple(m.dilation), m.groups, m.bias is not None,
                     rngs=rngs or nnx.Rngs(0))
-        for name, value in _variables(m)["params"].items():
-            getattr(layer, name)[...] = value
-        return layer
+        return _load_torch(layer, m)
 
 
 class NNXConvTranspose(nnx.Module):
@@ -276,11 +289,8 @@ class NNXConvTranspose(nnx.Module):
                              f"out_features={out_features} must both be divisible by groups")
         k = _nnx_kernel_size(kernel_size, num_spatial_dims)
         shape = (*k, out_features // groups, in_features)
-        fan_in = math.prod(shape[:-1])  # PyTorch's: (out_features / groups) * prod(k)
-        init = torch_uniform(())
-        self.kernel = nnx.Param(init(rngs.params(), shape, param_dtype, fan_in))
-        self.bias = (nnx.Param(init(rngs.params(), (out_features,), param_dtype, fan_in))
-                     if use_bias else None)
+        # PyTorch's fan_in here: (out_features / groups) * prod(k), the same product.
+        self.kernel, self.bias = _nnx_params(shape, out_features, use_bias, rngs, param_dtype)
         self.stride, self.padding, self.output_padding = stride, padding, output_padding
         self.dilation, self.groups, self.impl = dilation, groups, impl
 
@@ -297,6 +307,4 @@ class NNXConvTranspose(nnx.Module):
         layer = cls(m.in_channels, m.out_channels, tuple(m.kernel_size), tuple(m.stride),
                     _torch_padding(m), tuple(m.output_padding), m.groups, m.bias is not None,
                     tuple(m.dilation), rngs=rngs or nnx.Rngs(0))
-        for name, value in _variables(m)["params"].items():
-            getattr(layer, name)[...] = value
-        return layer
+        return _load_torch(layer, m)

@@ -15,21 +15,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import REPO
+from test_models import GEOMETRIES  # the same encoder geometries
 
 from cae import ablate, ablation_report, config, models, ops, plots, spectra, train
 from cae.config import ConfigError
 
 SMOKE = REPO / "configs" / "smoke.yaml"
 
-GEOMETRIES = [
-    # (input [H, W, C], features, kernel_size, strides, padding)
-    ((28, 28, 1), (32, 64, 16), (3, 3, 3), (2, 2, 2), (1, 1, 1)),  # 28-14-7-4-7-14-28
-    ((28, 28, 1), (8, 8), (5, 4), (3, 2), (2, 1)),
-    ((27, 19, 3), (4, 6, 5), (3, 3, 3), (2, 2, 2), (0, 1, 0)),  # odd and non-square, RGB
-    ((32, 32, 3), (8, 16), (4, 4), (2, 2), ("SAME", "VALID")),
-    ((13, 17, 2), (5,), (3,), (1,), ("SAME",)),
-    ((9, 9, 1), (4, 4, 4), (2, 3, 2), (1, 3, 1), (0, 1, 1)),
-]
+
 NON_MIRROR = [d for d in models.DECODERS if d != "mirror"]
 
 
