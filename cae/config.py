@@ -80,6 +80,12 @@ class TrainConfig:
     seed: int = 0
     linear_probe: bool = True  # fit a linear classifier on the codes at the end (summary.json)
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype; parameters stay float32
+    # The fully connected code layer's learning rate is learning_rate * code_lr_reference /
+    # model.code_size (null: learning_rate, as every other layer). Adam moves every weight by
+    # about the learning rate, so the decoder's W^T (fan-in code_size) changes its output in
+    # proportion to code_size: the 1/fan-in rule (muP) keeps a recipe tuned at code_lr_reference
+    # numbers stable at any code size. docs/results.md: why the rate-distortion curve was flat.
+    code_lr_reference: int | None = None
 
 
 @dataclasses.dataclass
@@ -310,6 +316,12 @@ def validate(cfg: Config) -> None:
              t.weight_decay, "must be a finite number >= 0")
     _require(t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps, "must be >= 0")
     _require(t.seed >= 0, "train.seed", t.seed, "must be >= 0")
+    _require(t.code_lr_reference is None or t.code_lr_reference >= 1, "train.code_lr_reference",
+             t.code_lr_reference, "must be >= 1 (the code size the learning rate was tuned at) "
+             "or null")
+    _require(t.code_lr_reference is None or m.code_size is not None, "train.code_lr_reference",
+             t.code_lr_reference, "scales the fully connected code layer's learning rate: it "
+             "needs model.code_size (now null); set it to null")
     _require(bool(o.dir.strip()), "output.dir", o.dir, "must be a directory path")
     _require(o.num_images >= 1, "output.num_images", o.num_images, "must be >= 1")
 

@@ -26,7 +26,7 @@ from cae import config as config_lib
 from cae import data as data_lib
 from cae.config import Config, ConfigError
 
-__all__ = ["TrainState", "build_model", "build_optimizer", "create_train_state", "state_tree",
+__all__ = ["TrainState", "build_model", "build_optimizer", "code_layer_names", "code_lr_scale", "create_train_state", "state_tree",
            "load_data", "model_code_shape", "check_geometry", "reconstruct", "psnr",
            "linear_baseline", "pca_labels", "probe_accuracy", "test_reconstructions",
            "run_figures", "checkerboard_stride", "test_error_spectrum", "checkerboard"]
@@ -69,10 +69,34 @@ def build_optimizer(cfg: Config, total_steps: int) -> optax.GradientTransformati
     else:
         lr = t.learning_rate
     if t.optimizer == "adamw":
-        return optax.adamw(lr, weight_decay=t.weight_decay)
-    if t.optimizer == "sgd":
-        return optax.sgd(lr, momentum=0.9, nesterov=True)
-    return optax.adam(lr)
+        tx = optax.adamw(lr, weight_decay=t.weight_decay)
+    elif t.optimizer == "sgd":
+        tx = optax.sgd(lr, momentum=0.9, nesterov=True)
+    else:
+        tx = optax.adam(lr)
+    scale = code_lr_scale(cfg)
+    if scale == 1.0:
+        return tx  # the same optimizer state as before the option existed: checkpoints resume
+    # The code layer's step times `scale`: its weights (W, read by encoder and, tied, decoder)
+    # and the biases on both sides of it. Scaling the update after Adam (and AdamW's decay, which
+    # is part of its update) is scaling that layer's learning rate.
+    code = code_layer_names(cfg)
+    return optax.chain(tx, optax.masked(optax.scale(scale), lambda params: {
+        name: jax.tree.map(lambda _: name in code, leaf) for name, leaf in params.items()}))
+
+
+def code_layer_names(cfg: Config) -> tuple[str, str]:
+    """The fully connected code layer's two modules in the parameter tree: the encoder's last
+    layer and the decoder layer that transposes it (see models.ConvAutoencoder)."""
+    i = len(cfg.model.features)  # the code layer comes after the convs
+    return f"encoder_{i}", f"decoder_{i}"
+
+
+def code_lr_scale(cfg: Config) -> float:
+    """How much the code layer's learning rate is scaled: ``train.code_lr_reference /
+    model.code_size`` (1.0 when the option is null)."""
+    ref = cfg.train.code_lr_reference
+    return 1.0 if ref is None else ref / cfg.model.code_size
 
 
 def create_train_state(cfg: Config, image_shape, total_steps: int) -> TrainState:
