@@ -2,7 +2,9 @@
 
 Encoder layer i is ``y = conv(x, K_i, s_i, p_i) + b_i``; decoder layer i (run in reverse order) is
 ``x' = conv_transpose(y', K_i', s_i, p_i, output_padding_i) + c_i`` where ``conv_transpose`` is
-the exact adjoint of encoder layer i's conv (``cae.ops``). With ``tied=True``, ``K_i' = K_i``:
+the exact adjoint of encoder layer i's conv (``cae.ops``). Both are the public layers
+:class:`cae.nn.Conv` and :class:`cae.nn.ConvTranspose` (:func:`strided_conv`,
+:func:`transposed_conv` give them this model's He-normal init), the ones a user ties the same way. With ``tied=True``, ``K_i' = K_i``:
 *the same parameter leaf* is read by both layers, so its gradient is the sum of both uses and the
 model has exactly ``sum_i |K_i|`` fewer parameters than the untied one. ``output_padding_i`` is
 chosen from encoder layer i's input size, so every decoder layer restores exactly that size
@@ -38,8 +40,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from cae import cpu_speed, ops
+from cae import nn as cae_nn
 
-__all__ = ["ConvAutoencoder", "StridedConv", "TransposedConv", "ResizeConv", "ACTIVATIONS",
+__all__ = ["ConvAutoencoder", "strided_conv", "transposed_conv", "ResizeConv", "ACTIVATIONS",
            "DECODERS", "TIEABLE_DECODERS", "layer_sizes", "layer_plan", "code_shape", "kernel_hw",
            "covers_input", "nearest_resize", "overlap_maps", "resize_conv_as_transpose"]
 
@@ -71,47 +74,30 @@ def kernel_hw(kernel_size) -> tuple[int, int]:
             else tuple(int(k) for k in kernel_size))
 
 
-class StridedConv(nn.Module):
-    """``y = conv(x, kernel, strides, padding) + bias``. x: [N, H, W, C_in] -> [N, H', W', F]."""
-
-    features: int
-    kernel_size: int | tuple[int, int]  # k (square) or (kh, kw)
-    strides: int
-    padding: Any  # int or "SAME"/"VALID"
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param("kernel", _encoder_init,
-                            (*kernel_hw(self.kernel_size), x.shape[-1], self.features))
-        bias = self.param("bias", nn.initializers.zeros, (self.features,))
-        return cpu_speed.add_bias(ops.conv(x, kernel, self.strides, self.padding), bias)
+def strided_conv(features: int, kernel_size, strides: int, padding, **kwargs) -> cae_nn.Conv:
+    """Encoder layer: ``y = conv(x, kernel, strides, padding) + bias``, the public
+    :class:`cae.nn.Conv` with He-normal kernel and zero bias. x: [N, H, W, C_in] ->
+    [N, H', W', features]; kernel ``[kh, kw, C_in, features]``. ``kwargs``: Flax's (``name``)."""
+    return cae_nn.Conv(features, kernel_hw(kernel_size), strides, padding,
+                       kernel_init=_encoder_init, bias_init=nn.initializers.zeros, **kwargs)
 
 
-class TransposedConv(nn.Module):
-    """``x = conv_transpose(y, kernel, strides, padding, output_padding) + bias``: the adjoint of a
-    ``StridedConv(features=C_out)`` whose input had ``features`` channels and size ``output_hw``.
+def transposed_conv(features: int, kernel_size, strides: int, padding, output_hw,
+                    impl: str = ops.DEFAULT_IMPL, **kwargs) -> cae_nn.ConvTranspose:
+    """Decoder layer: ``x = conv_transpose(y, kernel, strides, padding, output_padding) + bias``,
+    the public :class:`cae.nn.ConvTranspose`: the adjoint of a ``strided_conv(C_out, ...)``
+    whose input had ``features`` channels and size ``output_hw``, which fixes the
+    output_padding (a stride-s conv maps s input sizes to one output size).
 
-    y: [N, H', W', C_out] -> [N, *output_hw, features]. ``kernel`` (HWIO of the *forward* conv,
-    ``[k, k, features, C_out]``) is passed in for tied weights; if None this layer owns one.
+    y: [N, H', W', C_out] -> [N, *output_hw, features]. Called as ``layer(y, kernel)``: the
+    encoder's kernel (HWIO of the *forward* conv, ``[kh, kw, features, C_out]``) for tied
+    weights; with None the layer owns one (He-normal over its fan-in kh * kw * C_out).
     """
-
-    features: int
-    kernel_size: int | tuple[int, int]  # k (square) or (kh, kw)
-    strides: int
-    padding: Any
-    output_hw: tuple[int, int]
-    impl: str = ops.DEFAULT_IMPL
-
-    @nn.compact
-    def __call__(self, y: jax.Array, kernel: jax.Array | None = None) -> jax.Array:
-        khw = kernel_hw(self.kernel_size)
-        if kernel is None:
-            kernel = self.param("kernel", _decoder_init, (*khw, self.features, y.shape[-1]))
-        bias = self.param("bias", nn.initializers.zeros, (self.features,))
-        op = ops.output_padding_for(self.output_hw, khw, self.strides, self.padding)
-        x = ops.conv_transpose(y, kernel, self.strides, self.padding, op, impl=self.impl)
-        assert x.shape[1:3] == tuple(self.output_hw), (x.shape, self.output_hw)
-        return cpu_speed.add_bias(x, bias)
+    khw = kernel_hw(kernel_size)
+    output_padding = ops.output_padding_for(output_hw, khw, strides, padding)
+    return cae_nn.ConvTranspose(features, khw, strides, padding, output_padding,
+                                kernel_init=_decoder_init, bias_init=nn.initializers.zeros,
+                                impl=impl, **kwargs)
 
 
 def nearest_resize(x: jax.Array, output_hw: Sequence[int]) -> jax.Array:
@@ -254,8 +240,8 @@ class ConvAutoencoder(nn.Module):
         n = len(features)
         sizes = layer_sizes(image_shape[:2], kernel_size, strides, padding)
         channels = [image_shape[-1], *features[:-1]]  # each encoder layer's input channels
-        encoder = [StridedConv(features[i], kernel_size[i], strides[i], padding[i],
-                               name=f"encoder_{i}") for i in range(n)]
+        encoder = [strided_conv(features[i], kernel_size[i], strides[i], padding[i],
+                                name=f"encoder_{i}") for i in range(n)]
         if encode:
             for i, layer in enumerate(encoder):
                 x = layer(x)
@@ -279,8 +265,9 @@ class ConvAutoencoder(nn.Module):
                 # Tied: hand decoder layer i the encoder's kernel leaf itself (not a copy), so
                 # its gradient accumulates from both uses.
                 kernel = encoder[i].variables["params"]["kernel"] if self.tied else None
-                x = TransposedConv(channels[i], kernel_size[i], strides[i], padding[i],
-                                   sizes[i], self.impl, name=f"decoder_{i}")(x, kernel)
+                x = transposed_conv(channels[i], kernel_size[i], strides[i], padding[i],
+                                    sizes[i], self.impl, name=f"decoder_{i}")(x, kernel)
+                assert x.shape[1:3] == tuple(sizes[i]), (x.shape, sizes[i])
             else:
                 if self.decoder == "resize_conv_deep":
                     # Refine at the coarse size, where a conv is s*s times cheaper than after

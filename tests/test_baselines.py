@@ -208,7 +208,7 @@ def test_tied_fully_connected_bottleneck_shares_one_matrix():
     model = models.ConvAutoencoder(**kwargs, tied=True, image_shape=(28, 28, 1))
     code = jax.random.normal(jax.random.key(3), (2, 1, 1, 10))
     # The decoder's first layer alone: W^T code + its bias (zero at init), before the ReLU.
-    first = jax.jit(models.TransposedConv(16, (7, 7), 1, 0, (7, 7)).apply)(
+    first = jax.jit(models.transposed_conv(16, (7, 7), 1, 0, (7, 7)).apply)(
         {"params": {"bias": variables["params"]["decoder_2"]["bias"]}}, code, w)
     want = (np.asarray(code).reshape(2, 10) @ np.asarray(w).reshape(-1, 10).T).reshape(2, 7, 7,
                                                                                      16)

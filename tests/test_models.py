@@ -149,8 +149,8 @@ def test_decoder_layer_is_the_adjoint_of_its_encoder_layer():
     """Linear parts only: <enc_i(x) - b, y> == <x, dec_i(y) - c> with the tied kernel."""
     rng = np.random.default_rng(0)
     k = jnp.asarray(rng.normal(size=(3, 3, 5, 7)), jnp.float32)
-    enc = models.StridedConv(7, 3, 2, 1)
-    dec = models.TransposedConv(5, 3, 2, 1, output_hw=(14, 13))
+    enc = models.strided_conv(7, 3, 2, 1)
+    dec = models.transposed_conv(5, 3, 2, 1, output_hw=(14, 13))
     x = jnp.asarray(rng.normal(size=(2, 14, 13, 5)), jnp.float32)
     y = jnp.asarray(rng.normal(size=(2, 7, 7, 7)), jnp.float32)
     enc_params = {"kernel": k, "bias": jnp.zeros(7)}
