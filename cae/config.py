@@ -80,8 +80,8 @@ class TrainConfig:
     seed: int = 0
     linear_probe: bool = True  # fit a linear classifier on the codes at the end (summary.json)
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype; parameters stay float32
-    # The fully connected code layer's learning rate is learning_rate * code_lr_reference /
-    # model.code_size (null: learning_rate, as every other layer). Adam moves every weight by
+    # The fully connected code layer's learning rate is learning_rate * min(1, code_lr_reference
+    # / model.code_size) (null: learning_rate, as every other layer). Adam moves every weight by
     # about the learning rate, so the decoder's W^T (fan-in code_size) changes its output in
     # proportion to code_size: the 1/fan-in rule (muP) keeps a recipe tuned at code_lr_reference
     # numbers stable at any code size. docs/results.md: why the rate-distortion curve was flat.

@@ -23,7 +23,12 @@ first); both become ours by the same axis move, ``[*k, axis 1, axis 0]``, with n
 computes the same cross-correlation and the same adjoint. ``Conv.from_torch`` /
 ``ConvTranspose.from_torch`` turn a whole torch layer into ``(module, variables)``. Keras'
 ``Conv{N}D`` and ``Conv{N}DTranspose`` kernels are already in our layout (TensorFlow's filter
-layouts are ``[*k, in, out]`` and ``[*k, out, in]``), unchanged.
+layouts are ``[*k, in, out]`` and ``[*k, out, in]``), unchanged; ``Conv.from_keras`` /
+``ConvTranspose.from_keras`` turn a built Keras layer into ``(module, variables)``, its
+``padding``/``output_padding`` translated. Flax's ``Conv`` kernel is ours; its ``ConvTranspose``
+kernel is ours only with ``transpose_kernel=True``, else rotated by 180 degrees with the last two
+axes swapped (:func:`kernel_from_flax_conv_transpose`); ``ConvTranspose.from_flax`` converts
+the module, translating lax's padding (:func:`padding_from_lax`).
 """
 
 from __future__ import annotations
@@ -41,7 +46,8 @@ from flax import nnx
 from cae import cpu_speed, ops
 
 __all__ = ["Conv", "ConvTranspose", "NNXConv", "NNXConvTranspose", "kernel_from_torch",
-           "kernel_to_torch", "torch_uniform"]
+           "kernel_to_torch", "kernel_from_flax_conv_transpose", "padding_from_lax",
+           "torch_uniform"]
 
 
 def torch_uniform(fan_in_axes: Sequence[int]) -> Callable:
@@ -81,6 +87,82 @@ def kernel_to_torch(kernel) -> np.ndarray:
     k = np.asarray(kernel)
     nd = k.ndim - 2
     return np.transpose(k, (nd + 1, nd, *range(nd)))
+
+
+def kernel_from_flax_conv_transpose(kernel, transpose_kernel: bool = False) -> np.ndarray:
+    """A Flax ``ConvTranspose`` kernel -> ours ``[*k, features, C_y]``.
+
+    With ``transpose_kernel=True`` Flax's kernel already is the forward conv's (ours, unchanged).
+    With Flax's default ``False`` it is the kernel lax convolves the dilated ``y`` with,
+    ``[*k, C_y, features]``, which is the forward kernel rotated by 180 degrees over space with
+    its last two axes swapped (the gather recipe, ``ops.gather_kernel``). That map is its own
+    inverse, so this function also converts ours to Flax's."""
+    k = np.asarray(kernel)
+    if transpose_kernel:
+        return k
+    nd = k.ndim - 2
+    return np.swapaxes(k[(slice(None, None, -1),) * nd], -1, -2)
+
+
+def padding_from_lax(padding, kernel_size: Sequence[int], stride, dilation=1):
+    """``lax.conv_transpose``'s padding (Flax ``ConvTranspose``'s; ``use_consistent_padding``
+    False, the default) -> ours ``(padding, output_padding)`` for the same output.
+
+    ``"SAME"`` (output ``H' * s``) is our ``"SAME"`` with output_padding ``s - 1``. ``"VALID"``
+    (output ``H' * s + max(k' - s, 0)``, k' the dilated kernel extent) is padding 0 with
+    output_padding ``max(s - k', 0)``. Integers / ``(a, b)`` pairs are the padding of the
+    dilated ``y`` before the convolution (``ops.gather_padding``): ours is ``lo = k' - 1 - a``
+    and ``hi - output_padding = k' - 1 - b``. ValueError when no PyTorch-style geometry equals
+    it (a negative ``lo``, an output_padding ``>= max(s, d)``)."""
+    nd = len(kernel_size)
+    s = ops._ntuple(stride, nd, "stride")
+    d = ops._ntuple(dilation, nd, "dilation")
+    ke = [ops._effective(int(k), dd) for k, dd in zip(kernel_size, d)]
+    if isinstance(padding, str):
+        mode = padding.upper()
+        if mode == "SAME":
+            return "SAME", tuple(ss - 1 for ss in s)
+        if mode == "VALID":
+            return 0, tuple(max(ss - e, 0) for ss, e in zip(s, ke))
+        raise ValueError(f"padding={padding!r}: only 'SAME', 'VALID', ints and (lo, hi) pairs "
+                         "have a cae.ops equivalent")
+    if isinstance(padding, int):
+        pairs = [(padding, padding)] * nd
+    else:
+        pairs = [(int(p), int(p)) if isinstance(p, int) else tuple(int(v) for v in p)
+                 for p in padding]
+    if len(pairs) != nd:
+        raise ValueError(f"padding={padding!r} has {len(pairs)} entries for {nd} spatial dims")
+    pads, op = [], []
+    for (a, b), e, ss, dd in zip(pairs, ke, s, d):
+        lo, hi = e - 1 - a, e - 1 - b
+        extra = max(-hi, 0)  # a negative hi is output_padding
+        if lo < 0 or extra >= max(ss, dd):
+            raise ValueError(f"padding={padding!r}: lax's padding ({a}, {b}) of a kernel of "
+                             f"extent {e}, stride {ss} has no PyTorch-style equivalent "
+                             "(padding >= 0, output_padding < max(stride, dilation))")
+        pads.append((lo, hi + extra))
+        op.append(extra)
+    return tuple(pads), tuple(op)
+
+
+def _keras_config(layer) -> dict:
+    cfg = layer.get_config()
+    if cfg.get("data_format", "channels_last") != "channels_last":
+        raise ValueError(f"data_format={cfg['data_format']!r}: only 'channels_last' layers "
+                         "convert (ours are channels-last)")
+    if not layer.built:
+        raise ValueError("the Keras layer is not built: call it once (or .build) so it has "
+                         "weights")
+    return cfg
+
+
+def _keras_variables(layer, use_bias: bool) -> dict:
+    weights = [np.asarray(w, np.float32) for w in layer.get_weights()]
+    params = {"kernel": jnp.asarray(weights[0])}
+    if use_bias:
+        params["bias"] = jnp.asarray(weights[1])
+    return {"params": params}
 
 
 def _torch_padding(m):
@@ -143,6 +225,20 @@ class Conv(nn.Module):
         module = cls(m.out_channels, tuple(m.kernel_size), tuple(m.stride), _torch_padding(m),
                      tuple(m.dilation), m.groups, m.bias is not None)
         return module, _variables(m)
+
+    @classmethod
+    def from_keras(cls, layer) -> tuple[Conv, dict]:
+        """A built Keras ``Conv{1,2,3}D`` (channels-last) -> ``(Conv, variables)`` computing the
+        same numbers: its kernel as is, ``"valid"``/``"same"`` as our ``"VALID"``/``"SAME"``
+        (TensorFlow's rule), ``"causal"`` as ``(k' - 1, 0)``."""
+        cfg = _keras_config(layer)
+        k, d = tuple(cfg["kernel_size"]), tuple(cfg["dilation_rate"])
+        padding = cfg["padding"].upper()
+        if padding == "CAUSAL":
+            padding = tuple((ops._effective(kk, dd) - 1, 0) for kk, dd in zip(k, d))
+        module = cls(cfg["filters"], k, tuple(cfg["strides"]), padding, d,
+                     cfg.get("groups", 1), cfg["use_bias"])
+        return module, _keras_variables(layer, cfg["use_bias"])
 
 
 def _with_bias(layer: nn.Module, out: jax.Array, fan_in: int) -> jax.Array:
@@ -208,6 +304,49 @@ class ConvTranspose(nn.Module):
         module = cls(m.out_channels, tuple(m.kernel_size), tuple(m.stride), _torch_padding(m),
                      tuple(m.output_padding), tuple(m.dilation), m.groups, m.bias is not None)
         return module, _variables(m)
+
+    @classmethod
+    def from_keras(cls, layer) -> tuple[ConvTranspose, dict]:
+        """A built Keras ``Conv{1,2,3}DTranspose`` (channels-last) -> ``(ConvTranspose,
+        variables)`` computing the same numbers. Its kernel ``[*k, filters, C_y]`` is ours as is.
+        Keras' output size is ``(H' - 1) s + k' - 2 pad + output_padding`` with pad 0
+        (``"valid"``) or ``k' // 2`` (``"same"``), and ``H' s`` for ``"same"`` without
+        output_padding: the adjoint of TensorFlow's ``"SAME"`` conv on that size, i.e. our
+        ``"SAME"`` with output_padding ``k' - 2 (k' // 2) + output_padding - 1`` (``s - 1``
+        without)."""
+        cfg = _keras_config(layer)
+        k, s, d = (tuple(cfg[key]) for key in ("kernel_size", "strides", "dilation_rate"))
+        op = cfg.get("output_padding")
+        padding = cfg["padding"].upper()
+        if padding == "VALID":
+            out_pad = (0,) * len(k) if op is None else tuple(op)
+        elif op is None:
+            out_pad = tuple(ss - 1 for ss in s)
+        else:
+            ke = [ops._effective(kk, dd) for kk, dd in zip(k, d)]
+            out_pad = tuple(e - 2 * (e // 2) + o - 1 for e, o in zip(ke, op))
+            if min(out_pad) < 0:
+                raise ValueError(f"output_padding={tuple(op)!r} with padding='same' and an "
+                                 f"even kernel {k}: Keras' output is one pixel smaller than "
+                                 "any SAME geometry gives; use output_padding >= 1")
+        module = cls(cfg["filters"], k, s, padding, out_pad, d, 1, cfg["use_bias"])
+        return module, _keras_variables(layer, cfg["use_bias"])
+
+    @classmethod
+    def from_flax(cls, module, params: dict) -> tuple[ConvTranspose, dict]:
+        """A Flax Linen ``nn.ConvTranspose`` and its ``params`` (``{"kernel", "bias"}``) ->
+        ``(ConvTranspose, variables)`` computing the same numbers: the kernel through
+        :func:`kernel_from_flax_conv_transpose`, the padding through :func:`padding_from_lax`."""
+        k = tuple(module.kernel_size)
+        s = module.strides or 1
+        d = module.kernel_dilation or 1
+        padding, op = padding_from_lax(module.padding, k, s, d)
+        ours = cls(module.features, k, s, padding, op, d, 1, module.use_bias)
+        out = {"kernel": jnp.asarray(kernel_from_flax_conv_transpose(
+            params["kernel"], module.transpose_kernel))}
+        if module.use_bias:
+            out["bias"] = jnp.asarray(params["bias"])
+        return ours, {"params": out}
 
 
 # ----------------------------------------------------------------------------------------------

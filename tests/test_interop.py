@@ -104,3 +104,54 @@ def test_flax_conv_kernel_is_ours():
     want = layer.apply({"params": {"kernel": kernel}}, x)
     _close(ops.conv(x, kernel, (2, 1), ((1, 1), (0, 1)), dilation=(2, 1), groups=2), want)
     assert want.shape == (2, 4, 8, 4)
+
+
+# Flax ConvTranspose modules converted whole: (y spatial, k, s, d, Flax padding).
+FLAX_MODULES = [((5, 4), (3, 3), (2, 2), (1, 1), "SAME"),
+                ((4, 5), (4, 2), (2, 3), (1, 1), "SAME"),
+                ((3, 4), (3, 3), (2, 1), (2, 1), "SAME"),
+                ((5, 4), (3, 3), (2, 2), (1, 1), "VALID"),
+                ((4, 3), (2, 1), (3, 2), (1, 1), "VALID"),  # kernel smaller than the stride
+                ((4, 3), (3, 2), (2, 2), (1, 1), 1),
+                ((4, 3), (3, 3), (2, 2), (2, 1), [(2, 3), (1, 2)]),
+                ((6,), (5,), (3,), (1,), "SAME"),
+                ((3, 2, 3), (3, 2, 2), (2, 2, 1), (1, 1, 1), "VALID")]
+
+
+@pytest.mark.parametrize("transpose_kernel", [False, True])
+@pytest.mark.parametrize("y_sp,k,s,d,padding", FLAX_MODULES)
+def test_conv_transpose_from_flax_computes_the_same_numbers(y_sp, k, s, d, padding,
+                                                            transpose_kernel):
+    """cae.nn.ConvTranspose.from_flax: kernel (either convention) and lax's padding (SAME,
+    VALID, ints, pairs; 1-, 2- and 3-D) converted; the outputs equal Flax's."""
+    from cae import nn as cnn
+    import jax
+
+    rng = np.random.default_rng(5)
+    y = rng.standard_normal((2, *y_sp, 5)).astype(np.float32)
+    flax_layer = linen.ConvTranspose(3, k, s, padding=padding, kernel_dilation=d,
+                                     transpose_kernel=transpose_kernel)
+    params = flax_layer.init(jax.random.key(0), y)["params"]
+    params = {**params, "bias": rng.standard_normal(3).astype(np.float32)}
+    want = flax_layer.apply({"params": params}, y)
+    ours, variables = cnn.ConvTranspose.from_flax(flax_layer, params)
+    got = ours.apply(variables, y)
+    assert got.shape == want.shape
+    _close(got, want)
+    # the kernel map is its own inverse
+    back = cnn.kernel_from_flax_conv_transpose(variables["params"]["kernel"], transpose_kernel)
+    np.testing.assert_array_equal(back, params["kernel"])
+
+
+def test_padding_from_lax_refuses_what_has_no_pytorch_geometry():
+    from cae import nn as cnn
+
+    with pytest.raises(ValueError, match=r"padding=\[\(3, 0\)\]: lax's padding \(3, 0\) of a "
+                                         r"kernel of extent 3"):
+        cnn.padding_from_lax([(3, 0)], (3,), 2)  # lo = 3 - 1 - 3 < 0: a crop, not a padding
+    with pytest.raises(ValueError, match=r"padding='CIRCULAR': only 'SAME', 'VALID'"):
+        cnn.padding_from_lax("CIRCULAR", (3,), 2)
+    # hi = 3 - 1 - 4 = -2: two pixels of output_padding, allowed for stride 3, not for 2
+    assert cnn.padding_from_lax([(2, 4)], (3,), 3) == (((0, 0),), (2,))
+    with pytest.raises(ValueError, match=r"output_padding < max\(stride, dilation\)"):
+        cnn.padding_from_lax([(2, 4)], (3,), 2)

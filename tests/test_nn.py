@@ -180,6 +180,52 @@ def test_keras_kernels_load_unchanged():
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+# Keras layers converted whole: (layer class, x spatial, constructor arguments).
+KERAS_LAYERS = [
+    ("Conv1D", (11,), dict(filters=4, kernel_size=3, strides=2, padding="same")),
+    ("Conv1D", (11,), dict(filters=4, kernel_size=3, dilation_rate=2, padding="causal")),
+    ("Conv2D", (9, 8), dict(filters=4, kernel_size=(3, 2), strides=(2, 1), padding="valid")),
+    ("Conv2D", (9, 8), dict(filters=6, kernel_size=3, dilation_rate=2, padding="same",
+                            groups=3, use_bias=False)),
+    ("Conv3D", (5, 6, 4), dict(filters=2, kernel_size=2, strides=2, padding="same")),
+    ("Conv1DTranspose", (7,), dict(filters=4, kernel_size=4, strides=2, padding="same")),
+    ("Conv2DTranspose", (5, 4), dict(filters=4, kernel_size=3, strides=2, padding="same",
+                                     output_padding=1)),
+    ("Conv2DTranspose", (5, 4), dict(filters=4, kernel_size=(4, 3), strides=(3, 2),
+                                     padding="same", output_padding=(2, 0))),
+    ("Conv2DTranspose", (5, 4), dict(filters=4, kernel_size=3, strides=2, padding="valid",
+                                     output_padding=1, use_bias=False)),
+    # (TensorFlow's CPU Conv2DBackpropInput has no dilation > 1: not testable against Keras)
+    ("Conv3DTranspose", (3, 4, 2), dict(filters=2, kernel_size=3, strides=2, padding="valid")),
+]
+
+
+@pytest.mark.parametrize("name,x_sp,kwargs", KERAS_LAYERS)
+def test_keras_layers_convert_to_the_same_numbers(name, x_sp, kwargs):
+    """Conv.from_keras / ConvTranspose.from_keras: 1-3 D, valid / same / causal, strides,
+    dilation, groups, Keras' output_padding, with and without bias; the outputs equal Keras'."""
+    import keras
+    import tensorflow as tf
+
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except (RuntimeError, ValueError):
+        pass
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, *x_sp, 3)).astype(np.float32)
+    layer = getattr(keras.layers, name)(**kwargs)
+    want = np.asarray(layer(x))
+    if layer.use_bias:  # Keras initialises the bias to zero: give it numbers to compare
+        layer.set_weights([layer.get_weights()[0],
+                           rng.standard_normal(kwargs["filters"]).astype(np.float32)])
+        want = np.asarray(layer(x))
+    cls = cnn.ConvTranspose if name.endswith("Transpose") else cnn.Conv
+    module, variables = cls.from_keras(layer)
+    got = module.apply(variables, x)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_bad_arguments_are_value_errors():
     x = jnp.ones((1, 8, 8, 6))
     with pytest.raises(ValueError, match=r"kernel_size=\(3, 3, 3\) has 3 entries but the input "
