@@ -79,6 +79,7 @@ torch's best in the same run. Gradients are checked against torch's before timin
 from __future__ import annotations
 
 import functools
+import math
 import json
 import os
 import platform
@@ -439,6 +440,85 @@ def plain_jit_main(args, torch):
     return results
 
 
+def _best_ms(fn, reps):
+    """Best of ``reps`` calls of ``fn``, each right after an untimed call of its own (ms)."""
+    fn()
+    best = math.inf
+    for _ in range(reps):
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, (time.perf_counter() - t0) * 1e3)
+    return best
+
+
+def profile_main(args, torch):
+    """--profile: the plain-jit step cut into its three convolutions, each timed alone under
+    XLA's defaults beside PyTorch's same piece (2 threads): the forward ``x = C^T y``, the
+    y-gradient ``C g`` (a strided conv) and the kernel gradient (a backward-filter conv, or
+    im2col + one GEMM), so a miss shows which piece is slow."""
+    problems_ = PLAIN_JIT_PROBLEMS
+    if args.problems:
+        problems_ = {k: v for k, v in problems_.items() if k in args.problems.split(",")}
+    cols = ["step", "fwd", "dy", "dk_conv", "dk_gemm"]
+    print(f"# plain jax.jit (XLA defaults) vs torch ({torch.get_num_threads()} threads), ms, "
+          f"best of {args.reps}; jax 'step' = auto's fwd+bwd, torch 'dk' = "
+          f"torch.nn.grad.conv{{N}}d_weight")
+    print(f"{'problem':<12}{'impl':>26}" + "".join(f"{'jax ' + c:>14}" for c in cols)
+          + "".join(f"{'torch ' + c:>14}" for c in ("step", "fwd", "dy", "dk")))
+    results = []
+    for name, (ys, ks, s, p, op) in problems_.items():
+        nd = len(ys) - 2
+        rng = np.random.default_rng(0)
+        y = jnp.asarray(rng.standard_normal(ys), jnp.float32)
+        k = jnp.asarray(rng.standard_normal(ks) / np.sqrt(np.prod(ks[:-2]) * ks[-1]),
+                        jnp.float32)
+        x = ops.conv_transpose(y, k, s, p, op)
+        g = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+        pads, _ = ops._transpose_geometry(ys[1:-1], ks[:nd], ops._strides(s, nd), p, op,
+                                          (1,) * nd)
+        sn = ops._strides(s, nd)
+        fns = {
+            "step": _plain_jit_step("auto", s, p, op, y, k),
+            "fwd": jax.jit(lambda y, k: ops.conv_transpose(y, k, s, p, op)),
+            "dy": jax.jit(lambda g, k: ops.conv(g, k, s, p)),
+            "dk_conv": jax.jit(lambda g, y: ops._kernel_cotangent(
+                g, y, ks[:nd], sn, pads, jnp.float32)),
+            "dk_gemm": jax.jit(lambda g, y: ops._kernel_cotangent_gemm(
+                g, y, ks[:nd], sn, pads, jnp.float32)),
+        }
+        np.testing.assert_allclose(fns["dk_conv"](g, y), fns["dk_gemm"](g, y), rtol=1e-3,
+                                   atol=1e-3)
+        args_of = {"fwd": (y, k), "dy": (g, k), "dk_conv": (g, y), "dk_gemm": (g, y)}
+        jax_ms = {c: _best_ms(fns[c] if c == "step" else functools.partial(
+            lambda f, a: jax.block_until_ready(f(*a)), fns[c], args_of[c]), args.reps)
+            for c in cols}
+        # torch, NC* layout, the same pieces
+        ty = torch.from_numpy(np.ascontiguousarray(np.moveaxis(np.asarray(y), -1, 1)))
+        tg = torch.from_numpy(np.ascontiguousarray(np.moveaxis(np.asarray(g), -1, 1)))
+        tw = torch.from_numpy(np.ascontiguousarray(np.transpose(np.asarray(k),
+                                                                (nd + 1, nd, *range(nd)))))
+        F = torch.nn.functional
+        ct, cv = getattr(F, f"conv_transpose{nd}d"), getattr(F, f"conv{nd}d")
+        wgrad = getattr(torch.nn.grad, f"conv{nd}d_weight")
+        step_run, _ = _plain_jit_torch(torch, s, p, op, np.asarray(y), np.asarray(k))
+        torch_ms = {"step": _best_ms(step_run, args.reps)}
+        with torch.no_grad():
+            torch_ms |= {
+                "fwd": _best_ms(lambda: ct(ty, tw, stride=s, padding=p, output_padding=op),
+                                args.reps),
+                "dy": _best_ms(lambda: cv(tg, tw, stride=s, padding=p), args.reps),
+                "dk": _best_ms(lambda: wgrad(tg, tw.shape, ty, stride=s, padding=p),
+                               args.reps),
+            }
+        impl = ops.choose_impl(ks, s, out_shape=x.shape)
+        print(f"{name:<12}{impl:>26}" + "".join(f"{jax_ms[c]:>14.2f}" for c in cols)
+              + "".join(f"{torch_ms[c]:>14.2f}" for c in ("step", "fwd", "dy", "dk")),
+              flush=True)
+        results.append({"problem": name, "impl": impl, "jax_ms": jax_ms, "torch_ms": torch_ms})
+    return results
+
+
 def main(argv=None):
     ap = cli.CommandLineParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=128, help="batch of the decoder layers (128)")
@@ -452,6 +532,10 @@ def main(argv=None):
                          "time; default: all")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    ap.add_argument("--profile", action="store_true",
+                    help="with --plain-jit: time the step's three convolutions (forward, "
+                         "y-gradient, kernel gradient as a conv and as a GEMM) alone, beside "
+                         "torch's same pieces")
     ap.add_argument("--plain-jit", action="store_true",
                     help="issue 21's comparison: plain jax.jit (XLA defaults), best of --reps "
                          "(default 20), vs PyTorch at PLAIN_JIT_PROBLEMS")
@@ -511,7 +595,11 @@ def main(argv=None):
     if args.plain_jit:
         info["load_average"] = os.getloadavg()  # timings on a shared machine: say how shared
         print(f"# load average (1, 5, 15 min): {info['load_average']}")
-        results = plain_jit_main(args, torch)
+        if args.profile and torch is None:
+            ap.error("--profile compares with torch's pieces: it needs torch (pip install -e "
+                     "'.[torch]') and no --no-torch")
+        results = (profile_main(args, torch) if args.profile
+                   else plain_jit_main(args, torch))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"info": info, "results": results}, f, indent=2)
