@@ -26,7 +26,8 @@ from cae import config as config_lib
 from cae import data as data_lib
 from cae.config import Config, ConfigError
 
-__all__ = ["TrainState", "build_model", "build_optimizer", "code_layer_names", "code_lr_scale", "create_train_state", "state_tree",
+__all__ = ["TrainState", "build_model", "build_optimizer", "code_layer_names", "code_lr_scale",
+           "create_train_state", "state_tree",
            "load_data", "model_code_shape", "check_geometry", "reconstruct", "psnr",
            "linear_baseline", "pca_labels", "probe_accuracy", "test_reconstructions",
            "run_figures", "checkerboard_stride", "test_error_spectrum", "checkerboard"]
@@ -81,8 +82,12 @@ def build_optimizer(cfg: Config, total_steps: int) -> optax.GradientTransformati
     # and the biases on both sides of it. Scaling the update after Adam (and AdamW's decay, which
     # is part of its update) is scaling that layer's learning rate.
     code = code_layer_names(cfg)
-    return optax.chain(tx, optax.masked(optax.scale(scale), lambda params: {
-        name: jax.tree.map(lambda _: name in code, leaf) for name, leaf in params.items()}))
+
+    def in_code_layer(params):  # {module: {name: bool}}: True for the code layer's leaves
+        return {module: jax.tree.map(lambda _, m=module: m in code, leaves)
+                for module, leaves in params.items()}
+
+    return optax.chain(tx, optax.masked(optax.scale(scale), in_code_layer))
 
 
 def code_layer_names(cfg: Config) -> tuple[str, str]:

@@ -4,7 +4,8 @@ Encoder layer i is ``y = conv(x, K_i, s_i, p_i) + b_i``; decoder layer i (run in
 ``x' = conv_transpose(y', K_i', s_i, p_i, output_padding_i) + c_i`` where ``conv_transpose`` is
 the exact adjoint of encoder layer i's conv (``cae.ops``). Both are the public layers
 :class:`cae.nn.Conv` and :class:`cae.nn.ConvTranspose` (:func:`strided_conv`,
-:func:`transposed_conv` give them this model's He-normal init), the ones a user ties the same way. With ``tied=True``, ``K_i' = K_i``:
+:func:`transposed_conv` give them this model's He-normal init), the ones a user ties the
+same way. With ``tied=True``, ``K_i' = K_i``:
 *the same parameter leaf* is read by both layers, so its gradient is the sum of both uses and the
 model has exactly ``sum_i |K_i|`` fewer parameters than the untied one. ``output_padding_i`` is
 chosen from encoder layer i's input size, so every decoder layer restores exactly that size

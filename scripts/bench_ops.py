@@ -79,8 +79,8 @@ torch's best in the same run. Gradients are checked against torch's before timin
 from __future__ import annotations
 
 import functools
-import math
 import json
+import math
 import os
 import platform
 import statistics
@@ -460,7 +460,7 @@ def profile_main(args, torch):
     problems_ = PLAIN_JIT_PROBLEMS
     if args.problems:
         problems_ = {k: v for k, v in problems_.items() if k in args.problems.split(",")}
-    cols = ["step", "fwd", "dy", "dk_conv", "dk_gemm"]
+    cols = ["step", "fwd", "dy", "dk_conv", "dk_gemm"]  # jax's; torch's: step fwd dy dk
     print(f"# plain jax.jit (XLA defaults) vs torch ({torch.get_num_threads()} threads), ms, "
           f"best of {args.reps}; jax 'step' = auto's fwd+bwd, torch 'dk' = "
           f"torch.nn.grad.conv{{N}}d_weight")
@@ -468,55 +468,56 @@ def profile_main(args, torch):
           + "".join(f"{'torch ' + c:>14}" for c in ("step", "fwd", "dy", "dk")))
     results = []
     for name, (ys, ks, s, p, op) in problems_.items():
-        nd = len(ys) - 2
-        rng = np.random.default_rng(0)
-        y = jnp.asarray(rng.standard_normal(ys), jnp.float32)
-        k = jnp.asarray(rng.standard_normal(ks) / np.sqrt(np.prod(ks[:-2]) * ks[-1]),
-                        jnp.float32)
-        x = ops.conv_transpose(y, k, s, p, op)
-        g = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
-        pads, _ = ops._transpose_geometry(ys[1:-1], ks[:nd], ops._strides(s, nd), p, op,
-                                          (1,) * nd)
-        sn = ops._strides(s, nd)
-        fns = {
-            "step": _plain_jit_step("auto", s, p, op, y, k),
-            "fwd": jax.jit(lambda y, k: ops.conv_transpose(y, k, s, p, op)),
-            "dy": jax.jit(lambda g, k: ops.conv(g, k, s, p)),
-            "dk_conv": jax.jit(lambda g, y: ops._kernel_cotangent(
-                g, y, ks[:nd], sn, pads, jnp.float32)),
-            "dk_gemm": jax.jit(lambda g, y: ops._kernel_cotangent_gemm(
-                g, y, ks[:nd], sn, pads, jnp.float32)),
-        }
-        np.testing.assert_allclose(fns["dk_conv"](g, y), fns["dk_gemm"](g, y), rtol=1e-3,
-                                   atol=1e-3)
-        args_of = {"fwd": (y, k), "dy": (g, k), "dk_conv": (g, y), "dk_gemm": (g, y)}
-        jax_ms = {c: _best_ms(fns[c] if c == "step" else functools.partial(
-            lambda f, a: jax.block_until_ready(f(*a)), fns[c], args_of[c]), args.reps)
-            for c in cols}
-        # torch, NC* layout, the same pieces
-        ty = torch.from_numpy(np.ascontiguousarray(np.moveaxis(np.asarray(y), -1, 1)))
-        tg = torch.from_numpy(np.ascontiguousarray(np.moveaxis(np.asarray(g), -1, 1)))
-        tw = torch.from_numpy(np.ascontiguousarray(np.transpose(np.asarray(k),
-                                                                (nd + 1, nd, *range(nd)))))
-        F = torch.nn.functional
-        ct, cv = getattr(F, f"conv_transpose{nd}d"), getattr(F, f"conv{nd}d")
-        wgrad = getattr(torch.nn.grad, f"conv{nd}d_weight")
-        step_run, _ = _plain_jit_torch(torch, s, p, op, np.asarray(y), np.asarray(k))
-        torch_ms = {"step": _best_ms(step_run, args.reps)}
-        with torch.no_grad():
-            torch_ms |= {
-                "fwd": _best_ms(lambda: ct(ty, tw, stride=s, padding=p, output_padding=op),
-                                args.reps),
-                "dy": _best_ms(lambda: cv(tg, tw, stride=s, padding=p), args.reps),
-                "dk": _best_ms(lambda: wgrad(tg, tw.shape, ty, stride=s, padding=p),
-                               args.reps),
-            }
-        impl = ops.choose_impl(ks, s, out_shape=x.shape)
-        print(f"{name:<12}{impl:>26}" + "".join(f"{jax_ms[c]:>14.2f}" for c in cols)
-              + "".join(f"{torch_ms[c]:>14.2f}" for c in ("step", "fwd", "dy", "dk")),
-              flush=True)
+        impl, jax_ms, torch_ms = _profile_problem(torch, ys, ks, s, p, op, args.reps)
+        print(f"{name:<12}{impl:>26}" + "".join(f"{jax_ms[c]:>14.2f}" for c in jax_ms)
+              + "".join(f"{torch_ms[c]:>14.2f}" for c in torch_ms), flush=True)
         results.append({"problem": name, "impl": impl, "jax_ms": jax_ms, "torch_ms": torch_ms})
     return results
+
+
+def _profile_problem(torch, ys, ks, s, p, op, reps):
+    """One --profile problem -> (auto's impl, {jax piece: ms}, {torch piece: ms})."""
+    nd = len(ys) - 2
+    rng = np.random.default_rng(0)
+    y = jnp.asarray(rng.standard_normal(ys), jnp.float32)
+    k = jnp.asarray(rng.standard_normal(ks) / np.sqrt(np.prod(ks[:-2]) * ks[-1]), jnp.float32)
+    x = ops.conv_transpose(y, k, s, p, op)
+    g = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+    sn = ops._strides(s, nd)
+    pads, _ = ops._transpose_geometry(ys[1:-1], ks[:nd], sn, p, op, (1,) * nd)
+    pieces = {  # name: (jitted function, its arguments)
+        "fwd": (jax.jit(lambda y, k: ops.conv_transpose(y, k, s, p, op)), (y, k)),
+        "dy": (jax.jit(lambda g, k: ops.conv(g, k, s, p)), (g, k)),
+        "dk_conv": (jax.jit(lambda g, y: ops._kernel_cotangent(
+            g, y, ks[:nd], sn, pads, jnp.float32)), (g, y)),
+        "dk_gemm": (jax.jit(lambda g, y: ops._kernel_cotangent_gemm(
+            g, y, ks[:nd], sn, pads, jnp.float32)), (g, y)),
+    }
+    np.testing.assert_allclose(pieces["dk_conv"][0](g, y), pieces["dk_gemm"][0](g, y),
+                               rtol=1e-3, atol=1e-3)
+    jax_ms = {"step": _best_ms(_plain_jit_step("auto", s, p, op, y, k), reps)}
+    for piece, (fn, piece_args) in pieces.items():
+        jax_ms[piece] = _best_ms(functools.partial(_blocked, fn, piece_args), reps)
+    # torch, NC* layout, the same pieces
+    ty = torch.from_numpy(np.ascontiguousarray(np.moveaxis(np.asarray(y), -1, 1)))
+    tg = torch.from_numpy(np.ascontiguousarray(np.moveaxis(np.asarray(g), -1, 1)))
+    tw = torch.from_numpy(np.ascontiguousarray(np.transpose(np.asarray(k),
+                                                            (nd + 1, nd, *range(nd)))))
+    F = torch.nn.functional
+    ct, cv = getattr(F, f"conv_transpose{nd}d"), getattr(F, f"conv{nd}d")
+    wgrad = getattr(torch.nn.grad, f"conv{nd}d_weight")
+    step_run, _ = _plain_jit_torch(torch, s, p, op, np.asarray(y), np.asarray(k))
+    torch_ms = {"step": _best_ms(step_run, reps)}
+    with torch.no_grad():
+        torch_ms["fwd"] = _best_ms(lambda: ct(ty, tw, stride=s, padding=p, output_padding=op),
+                                   reps)
+        torch_ms["dy"] = _best_ms(lambda: cv(tg, tw, stride=s, padding=p), reps)
+        torch_ms["dk"] = _best_ms(lambda: wgrad(tg, tw.shape, ty, stride=s, padding=p), reps)
+    return ops.choose_impl(ks, s, out_shape=x.shape), jax_ms, torch_ms
+
+
+def _blocked(fn, args):
+    return jax.block_until_ready(fn(*args))
 
 
 def main(argv=None):

@@ -124,8 +124,9 @@ def test_conv_transpose_from_flax_computes_the_same_numbers(y_sp, k, s, d, paddi
                                                             transpose_kernel):
     """cae.nn.ConvTranspose.from_flax: kernel (either convention) and lax's padding (SAME,
     VALID, ints, pairs; 1-, 2- and 3-D) converted; the outputs equal Flax's."""
-    from cae import nn as cnn
     import jax
+
+    from cae import nn as cnn
 
     rng = np.random.default_rng(5)
     y = rng.standard_normal((2, *y_sp, 5)).astype(np.float32)
