@@ -151,8 +151,13 @@ def load_ablation_config(path: str | os.PathLike, overrides: Sequence[str] = (),
             # A training config used as the base: say that its value is not used, and go on.
             notes.append(f"note: {section}.{key}={values[key]!r} in {path} is not used: {why}")
             raw[section] = {k: v for k, v in values.items() if k != key}
-    base = config_lib.from_dict(raw)
     ablation = _ablation_from_dict(ablation_raw)
+    model = raw.get("model")
+    if ablation.code_sizes is not None and (model is None or isinstance(model, dict)):
+        # Checked with a code size the sweep sets (the first), as every run is: keys that need
+        # model.code_size (train.code_lr_reference) are valid in the base of a code-size sweep.
+        raw["model"] = {**(model or {}), "code_size": ablation.code_sizes[0]}
+    base = config_lib.from_dict(raw)
     for line in notes:  # only for a valid config: an error stays the only line
         note(line)
     return base, ablation

@@ -392,6 +392,24 @@ def test_decoder_in_the_file_is_dropped_with_a_note_and_variants_plan_the_runs(t
         ("tied_seed0", "mirror", True), ("resize_conv_seed0", "resize_conv", False)]
 
 
+def test_the_decoder_sweep_config_plans_every_variant_at_every_size():
+    """configs/ablation_decoders.yaml: 6 sizes x 2 seeds x 4 variants, the code layer's learning
+    rate scaled (train.code_lr_reference needs model.code_size: the sweep sets it for every run,
+    so the base is valid; without code_sizes it is the usual error)."""
+    path = REPO / "configs" / "ablation_decoders.yaml"
+    base, sweep = ablate.load_ablation_config(path, note=lambda s: pytest.fail(s))
+    runs = ablate.plan_runs(base, sweep)
+    variants = ["tied", "untied", "resize_conv", "resize_conv_deep"]
+    sizes = [8, 16, 32, 64, 128, 256]
+    assert [r.name for r in runs] == [f"code{k}_{v}_seed{seed}" for seed in (0, 1)
+                                      for k in sizes for v in variants]
+    assert {(r.cfg.train.epochs, r.cfg.train.linear_probe, r.cfg.train.code_lr_reference,
+             tuple(r.cfg.model.features)) for r in runs} == {(1, False, 32, (32, 64, 128))}
+    with pytest.raises(config.ConfigError, match=r"^train\.code_lr_reference=32: .* it needs "
+                                                 r"model\.code_size \(now null\)"):
+        ablate.load_ablation_config(path, ["ablation.code_sizes=null"], note=lambda s: None)
+
+
 def test_unusable_output_dirs_are_refused_before_training(capsys, tmp_path):
     run_dir = tmp_path / "a_train_run"
     run_dir.mkdir()
@@ -580,3 +598,53 @@ def test_single_code_sweep_keeps_its_run_names_and_epoch_curves(capsys, mnist_di
                                   [metrics[0]["initial_test_mse"], metrics[0]["test_mse"]])
     md = (out / "ablation.md").read_text()
     assert "# Tied vs untied ablation" in md and "## Verdict\n\n" in md and "PCA-6" in md
+
+
+@pytest.mark.slow
+def test_decoder_sweep_end_to_end(capsys, mnist_dirs, tmp_path, monkeypatch):
+    """ablation.variants=[untied, resize_conv] at two code sizes, one seed, through
+    cae.ablate.main on real MNIST (tiny: the SMALL model and data, no linear probe)."""
+    monkeypatch.setenv("CAE_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "sweep"
+    code, stdout, err = _sweep(capsys, mnist_dirs, out, "ablation.seeds=[0]",
+                               "ablation.variants=[untied,resize_conv]", "train.linear_probe=false")
+    assert code == 0, err
+    names = ["code4_untied_seed0", "code4_resize_conv_seed0", "code8_untied_seed0",
+             "code8_resize_conv_seed0"]
+    for i, name in enumerate(names, 1):
+        assert f"[{i}/4] {name}: done" in stdout
+    rows = list(csv.DictReader(io.StringIO((out / "ablation.csv").read_text())))
+    assert [(r["code_size"], r["variant"], r["decoder"], r["tied"], r["run_dir"]) for r in rows] \
+        == [(n[4], v, d, "false", n) for n, v, d in zip(
+            names, ["untied", "resize_conv"] * 2, ["mirror", "resize_conv"] * 2)]
+    for r in rows:
+        run = out / r["run_dir"]
+        summary = json.loads((run / "summary.json").read_text())
+        saved = config.from_dict(yaml.safe_load((run / "config.yaml").read_text()))
+        assert (saved.model.decoder, saved.model.tied) == (r["decoder"], False)
+        assert saved.model.code_size == int(r["code_size"]) == summary["code_size"]
+        assert summary["decoder"] == r["decoder"]
+        for key in ("checkerboard_score", "pca_checkerboard_score", "test_mse", "num_params"):
+            assert r[key] != "" and float(r[key]) == summary[key], key
+        assert 0.0 <= float(r["checkerboard_score"]) <= 1.0
+        assert r["linear_probe_acc"] == ""  # train.linear_probe=false
+        assert summary["test_mse"] < 0.9 * summary["initial_test_mse"]  # it trained
+        assert (run / "checkerboard.png").read_bytes().startswith(b"\x89PNG")
+
+    md = (out / "ablation.md").read_text()
+    assert md.startswith("# Rate-distortion ablation: untied vs resize_conv against PCA")
+    for k in ("4", "8"):
+        section = md.split(f"## Code of {k} numbers\n", 1)[1].split("\n## ", 1)[0]
+        mse = {r["variant"]: float(r["test_mse"]) for r in rows if r["code_size"] == k}
+        for v in ("untied", "resize_conv"):
+            assert f"| {v} | 1 | " in section and f"{mse[v]:.6f} ± n/a" in section
+        judged = section.split(f"### Verdict at {k} numbers\n\n", 1)[1].split("\n", 1)[0]
+        assert f"resize_conv - untied = {mse['resize_conv'] - mse['untied']:+.3g}" in judged
+        assert "cannot be judged" in judged  # one seed
+        assert "untied - tied" not in section  # no tied run, no tied-vs-untied verdict
+    assert "| code size | PCA test MSE | untied test MSE | resize_conv test MSE |" in md
+    assert "code of 4 numbers: PCA-4 " in stdout and "/ resize_conv's " in stdout
+
+    from matplotlib import image
+
+    assert image.imread(out / "ablation.png").shape[:2] == (400, 1000)
