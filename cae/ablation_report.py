@@ -344,7 +344,7 @@ def render_markdown(rows: Sequence[dict], base: Config, ablation: AblationConfig
             for v in variants}
     lines = [
         f"# Rate-distortion ablation: {_title(variants)} against PCA" if swept
-        else f"# {_sentence_start(_title(variants))} ablation", "",
+        else f"# {_title([_sentence_start(variants[0]), *variants[1:]])} ablation", "",
         f"Base config: `{d.name}`"
         + (f" (first {d.max_train_examples} train images)" if d.max_train_examples else "")
         + f", features {m.features}, kernel {m.kernel_size}, strides {m.strides}, "

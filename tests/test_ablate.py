@@ -134,6 +134,7 @@ def test_markdown_with_probe_accuracy_and_with_one_seed():
     one = ablation_report.render_markdown(_rows([0.003], [0.002]), config.from_dict({}),
                                  config.AblationConfig(seeds=[0]))
     assert "0.003000 ± n/a" in one and "cannot be judged" in one
+    assert one.startswith("# Tied vs untied ablation\n")  # the default variants' title
 
 
 VARIANT_MSE = {"tied": [0.0030, 0.0034, 0.0029], "untied": [0.0025, 0.0027, 0.0024],
