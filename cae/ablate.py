@@ -1,13 +1,16 @@
-"""Tied vs untied ablation over seeds: ``python -m cae.ablate --config <ablation config>``.
+"""Ablation of decoders over seeds: ``python -m cae.ablate --config <ablation config>``.
 
 Example: ``python -m cae.ablate --config configs/ablation_tied_vs_untied.yaml``.
 
-The config is an ordinary training config plus an ``ablation`` section (``seeds: [0, 1, 2]``).
-Every seed is trained twice, with ``model.tied`` true and false, by
-:func:`cae.train.train_and_evaluate`; each run is an ordinary run dir
-``<output.dir>/{tied,untied}_seed<k>``.
-The sweep sets ``model.tied`` and ``train.seed`` itself: in the file they are ignored with a
-note (so a training config can serve as the base), with ``--set`` they are an error.
+The config is an ordinary training config plus an ``ablation`` section (``seeds: [0, 1, 2]``,
+``variants: [tied, untied]``, the default). Every seed (and every size in ``code_sizes``) is
+trained once per variant by :func:`cae.train.train_and_evaluate`: ``tied`` and ``untied`` are the
+mirror decoder with ``model.tied`` true and false, any other name in
+:data:`cae.config.ABLATION_VARIANTS` is that ``model.decoder``, untied. Each run is an ordinary
+run dir ``<output.dir>/[code<K>_]<variant>_seed<k>``.
+The sweep sets ``model.tied``, ``model.decoder`` and ``train.seed`` itself: in the file they are
+ignored with a note (so a training config can serve as the base), with ``--set`` they are an
+error.
 
 A finished run with the same config is reused without training, an unfinished one resumes from
 its last checkpoint, so an interrupted sweep is finished by running the same command again.
@@ -32,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cae import ablation_report, cli, cluster, experiment, models, rundir, train
+from cae import ablation_report, cli, cluster, experiment, rundir, train
 from cae import config as config_lib
 from cae.config import AblationConfig, Config, ConfigError
 
@@ -41,7 +44,8 @@ __all__ = ["Run", "load_ablation_config", "plan_runs", "check_run_dirs", "run_sw
 
 # Keys the sweep sets for every run; the user sets seeds through ablation.seeds instead.
 SWEPT = {
-    ("model", "tied"): "set by the sweep (every seed runs tied and untied)",
+    ("model", "tied"): "set by the sweep; list variants in ablation.variants (tied, untied)",
+    ("model", "decoder"): "set by the sweep; list decoders in ablation.variants",
     ("train", "seed"): "set by the sweep; list the seeds in ablation.seeds",
 }
 
@@ -56,16 +60,17 @@ SECTIONS = {**config_lib.SECTIONS, "ablation": AblationConfig}  # what the file 
 @dataclasses.dataclass(frozen=True)
 class Run:
     """One training run of the sweep; ``cfg`` is its full config (output.dir = its run dir).
-    ``code_size``: the swept model.code_size, None when the sweep does not set it."""
+    ``variant``: a name of :data:`cae.config.ABLATION_VARIANTS`. ``code_size``: the swept
+    model.code_size, None when the sweep does not set it."""
 
-    tied: bool
+    variant: str
     seed: int
     cfg: Config
     code_size: int | None = None
 
     @property
-    def variant(self) -> str:
-        return "tied" if self.tied else "untied"
+    def tied(self) -> bool:
+        return self.cfg.model.tied
 
     @property
     def name(self) -> str:
@@ -84,23 +89,27 @@ class Run:
 
 def _ablation_from_dict(values) -> AblationConfig:
     # The same checks and messages as the training sections.
+    # (Each variant's name is checked against ABLATION_VARIANTS by its Literal type.)
     ablation = config_lib.build_section("ablation", AblationConfig, values)
-    _check_list(ablation.seeds, "ablation.seeds", "seed", 0, "must be >= 0",
-                empty="need at least one seed, e.g. [0, 1, 2]")
+    _check_list(ablation.seeds, "ablation.seeds", "seed", empty="need at least one seed, e.g. "
+                "[0, 1, 2]", minimum=0, too_small="must be >= 0")
     if ablation.code_sizes is not None:
-        _check_list(ablation.code_sizes, "ablation.code_sizes", "size", 1,
-                    "must be >= 1 (numbers per image in the code)", empty="list at least one "
-                    "size, e.g. [16, 32, 64], or null for the base config's code only")
+        _check_list(ablation.code_sizes, "ablation.code_sizes", "size", empty="list at least "
+                    "one size, e.g. [16, 32, 64], or null for the base config's code only",
+                    minimum=1, too_small="must be >= 1 (numbers per image in the code)")
+    _check_list(ablation.variants, "ablation.variants", "variant", empty="list at least one "
+                f"of {' | '.join(config_lib.ABLATION_VARIANTS)}, e.g. [tied, untied]")
     return ablation
 
 
-def _check_list(values: list[int], key: str, what: str, minimum: int, too_small: str, *,
-                empty: str) -> None:
-    """Not empty, every value >= ``minimum``, each listed once; ConfigError naming the entry."""
+def _check_list(values: list, key: str, what: str, *, empty: str, minimum: int | None = None,
+                too_small: str = "") -> None:
+    """Not empty, every value >= ``minimum`` (if given), each listed once; ConfigError naming
+    the entry."""
     if not values:
         raise ConfigError(f"{key}=[]: {empty}")
     for i, v in enumerate(values):
-        if v < minimum:
+        if minimum is not None and v < minimum:
             raise ConfigError(f"{key}[{i}]={v!r}: {too_small}")
     for v in values:
         if values.count(v) > 1:
@@ -118,9 +127,9 @@ def load_ablation_config(path: str | os.PathLike, overrides: Sequence[str] = (),
 
     One ``--set`` parser for all five sections (``config.parse_overrides``); ``ablation.*``
     goes to the sweep, the rest to the training config.
-    ``model.tied`` / ``train.seed`` in the file (e.g. a training config used as is) are dropped
-    with a ``note``; asked for with ``--set`` they are an error. Raises :class:`ConfigError`
-    (one line) for any mistake, before anything is written.
+    ``model.tied`` / ``model.decoder`` / ``train.seed`` in the file (e.g. a training config used
+    as is) are dropped with a ``note``; asked for with ``--set`` they are an error. Raises
+    :class:`ConfigError` (one line) for any mistake, before anything is written.
     """
     raw = dict(config_lib.read_yaml_file(path))
     unknown = sorted(set(raw) - set(SECTIONS))
@@ -135,12 +144,6 @@ def load_ablation_config(path: str | os.PathLike, overrides: Sequence[str] = (),
     for key in asked:
         if key in swept:
             raise ConfigError(f"--set {'.'.join(key)}: {swept[key]}")
-    decoder = (raw.get("model") or {}).get("decoder", "mirror")
-    if isinstance(raw.get("model"), dict) and decoder not in models.TIEABLE_DECODERS:
-        # Every run of this sweep is trained tied and untied; only the mirror can be tied.
-        raise ConfigError(f"model.decoder={decoder!r}: the sweep trains every run tied and "
-                          f"untied, and only {' | '.join(models.TIEABLE_DECODERS)} can be tied; "
-                          "compare other decoders with cae.train runs (model.tied=false)")
     notes = []
     for (section, key), why in swept.items():  # in the file: not asked for with --set
         values = raw.get(section)
@@ -148,25 +151,33 @@ def load_ablation_config(path: str | os.PathLike, overrides: Sequence[str] = (),
             # A training config used as the base: say that its value is not used, and go on.
             notes.append(f"note: {section}.{key}={values[key]!r} in {path} is not used: {why}")
             raw[section] = {k: v for k, v in values.items() if k != key}
-    base = config_lib.from_dict(raw)
     ablation = _ablation_from_dict(ablation_raw)
+    model = raw.get("model")
+    if ablation.code_sizes is not None and (model is None or isinstance(model, dict)):
+        # Checked with a code size the sweep sets (the first), as every run is: keys that need
+        # model.code_size (train.code_lr_reference) are valid in the base of a code-size sweep.
+        raw["model"] = {**(model or {}), "code_size": ablation.code_sizes[0]}
+    base = config_lib.from_dict(raw)
     for line in notes:  # only for a valid config: an error stays the only line
         note(line)
     return base, ablation
 
 
 def plan_runs(base: Config, ablation: AblationConfig) -> list[Run]:
-    """Seed-major order (for seed 0: every code size, tied then untied; then seed 1, ...): a
-    sweep cut short still has both variants of every size for its first seeds."""
+    """Seed-major order (for seed 0: every code size, each with the variants in the listed
+    order; then seed 1, ...): a sweep cut short still has every variant of every size for its
+    first seeds."""
     runs = []
     swept_sizes = ablation.code_sizes is not None
     for seed in ablation.seeds:
         for code_size in (ablation.code_sizes if swept_sizes else [base.model.code_size]):
-            for tied in (True, False):
-                run = Run(tied, seed, base, code_size if swept_sizes else None)
+            for variant in ablation.variants:
+                decoder, tied = config_lib.ABLATION_VARIANTS[variant]
+                run = Run(variant, seed, base, code_size if swept_sizes else None)
                 cfg = dataclasses.replace(
                     base,
-                    model=dataclasses.replace(base.model, tied=tied, code_size=code_size),
+                    model=dataclasses.replace(base.model, tied=tied, decoder=decoder,
+                                              code_size=code_size),
                     train=dataclasses.replace(base.train, seed=seed),
                     output=dataclasses.replace(base.output,
                                                dir=str(Path(base.output.dir) / run.name)))
@@ -228,8 +239,8 @@ def collect(runs: Sequence[Run]) -> tuple[list[dict], dict[str, np.ndarray]]:
     """Read every finished run dir -> (rows, curves).
 
     rows: one dict per run with the CSV columns (``linear_probe_acc`` None if the summary has
-    none). curves: {variant: [S, E + 1]} test MSE per seed before training (column 0) and after
-    each epoch, from the runs' metrics.jsonl.
+    none). curves: {variant name: [S, E + 1]} test MSE per seed before training (column 0) and
+    after each epoch, from the runs' metrics.jsonl.
     """
     rows, curves = [], {}
     for run in runs:
@@ -237,7 +248,7 @@ def collect(runs: Sequence[Run]) -> tuple[list[dict], dict[str, np.ndarray]]:
         metrics = [json.loads(line) for line in
                    (run.dir / rundir.METRICS_FILE).read_text().splitlines() if line.strip()]
         rows.append({
-            "code_size": _code_size(run, summary),
+            "code_size": _code_size(run, summary), "variant": run.variant,
             "tied": run.tied, "seed": run.seed, "num_params": int(summary["num_params"]),
             "test_mse": float(summary["test_mse"]), "test_psnr": float(summary["test_psnr"]),
             "pca_test_mse": _optional(summary, "pca_test_mse"),
@@ -288,18 +299,18 @@ def main(argv: list[str] | None = None) -> int:
         runs = run_sweep(base, ablation, log=lambda s: print(s, flush=True))
         rows, curves = collect(runs)
         ablation_report.write_reports(base.output.dir, rows, curves, base, ablation)
-        return base, rows
+        return base, ablation, rows
 
     code, result = cli.run_command(
         run, "interrupted: run the same command again to resume the sweep (finished runs are "
              "reused, the interrupted one resumes from its last checkpoint)")
     if code:
         return code
-    base, rows = result
+    base, ablation, rows = result
     out = Path(base.output.dir)
     r = ablation_report
     print(f"done: {out / r.CSV_FILE}, {out / r.MD_FILE}, {out / r.PNG_FILE}")
-    for line in r.result_lines(rows):
+    for line in r.result_lines(rows, ablation.variants):
         print(line)
     return 0
 

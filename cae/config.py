@@ -22,7 +22,7 @@ from cae.errors import ConfigError
 
 __all__ = [
     "Config", "DataConfig", "ModelConfig", "TrainConfig", "OutputConfig", "AblationConfig",
-    "ConfigError",
+    "ABLATION_VARIANTS", "ConfigError",
     "load_config", "apply_overrides", "parse_overrides", "from_dict", "to_dict", "to_yaml",
     "per_layer", "read_yaml_file", "SECTIONS",
 ]
@@ -107,12 +107,24 @@ class Config:
 SECTIONS: dict[str, type] = typing.get_type_hints(Config)  # {"data": DataConfig, ...}
 
 
+# What an ablation trains, by name -> (model.decoder, model.tied): "tied" and "untied" are the
+# decoder that can be tied (the mirror), every other decoder is named as itself and untied.
+(_TIEABLE,) = models.TIEABLE_DECODERS  # "tied"/"untied" name one decoder: the mirror
+ABLATION_VARIANTS: dict[str, tuple[str, bool]] = {
+    "tied": (_TIEABLE, True), "untied": (_TIEABLE, False),
+    **{d: (d, False) for d in models.DECODERS if d != _TIEABLE}}
+
+
 @dataclasses.dataclass
 class AblationConfig:
     seeds: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2])
-    # Rate-distortion: every size is trained tied and untied for every seed (model.code_size: a
+    # Rate-distortion: every size is trained as every variant for every seed (model.code_size: a
     # fully connected code of that many numbers). null: the base config's code only.
     code_sizes: list[int] | None = None
+    # What each (seed, size) is trained as, in this order (ABLATION_VARIANTS: the mirror tied or
+    # untied, or another decoder, untied).
+    variants: list[Literal[tuple(ABLATION_VARIANTS)]] = dataclasses.field(
+        default_factory=lambda: ["tied", "untied"])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import pytest
 import yaml
 from conftest import REPO
 
-from cae import ablate, ablation_report, config, plots
+from cae import ablate, ablation_report, config, models, plots
 
 ABLATION = REPO / "configs" / "ablation_tied_vs_untied.yaml"
 
@@ -37,8 +37,9 @@ T_975_DF4, T_995_DF4 = 2.7764, 4.6041
 
 def test_compare_equal_spread_matches_hand_formulas():
     c = ablation_report.compare([1.0, 2.0, 3.0], [4.0, 5.0, 6.0])
-    assert (c.n_tied, c.n_untied, c.mean_tied, c.mean_untied) == (3, 3, 2.0, 5.0)
-    assert c.std_tied == pytest.approx(1.0) and c.std_untied == pytest.approx(1.0)  # ddof=1
+    assert (c.n_a, c.n_b, c.mean_a, c.mean_b) == (3, 3, 2.0, 5.0)
+    assert c.std_a == pytest.approx(1.0) and c.std_b == pytest.approx(1.0)  # ddof=1
+    assert c.names == ("tied", "untied")  # the default: compare(tied, untied)
     assert c.diff == 3.0 and c.pooled_std == pytest.approx(1.0)
     assert c.t == pytest.approx(3.0 / math.sqrt(2.0 / 3.0))  # 3.674
     assert c.df == pytest.approx(4.0)  # equal n and variance: Welch's df = 2n - 2
@@ -78,7 +79,7 @@ def test_verdict_names_the_better_variant_for_both_directions():
 
 def test_one_seed_has_no_spread_and_no_verdict():
     c = ablation_report.compare([0.003], [0.002])
-    assert math.isnan(c.std_tied) and math.isnan(c.p) and c.significant is None
+    assert math.isnan(c.std_a) and math.isnan(c.p) and c.significant is None
     assert c.diff == pytest.approx(-0.001)
     assert "cannot be judged" in ablation_report.verdict(c)
 
@@ -133,6 +134,97 @@ def test_markdown_with_probe_accuracy_and_with_one_seed():
     one = ablation_report.render_markdown(_rows([0.003], [0.002]), config.from_dict({}),
                                  config.AblationConfig(seeds=[0]))
     assert "0.003000 ± n/a" in one and "cannot be judged" in one
+    assert one.startswith("# Tied vs untied ablation\n")  # the default variants' title
+
+
+VARIANT_MSE = {"tied": [0.0030, 0.0034, 0.0029], "untied": [0.0025, 0.0027, 0.0024],
+               "resize_conv": [0.0060, 0.0063, 0.0058],
+               "resize_conv_deep": [0.0026, 0.0029, 0.0023]}
+VARIANT_PARAMS = {"tied": 100, "untied": 190, "resize_conv": 190, "resize_conv_deep": 250}
+
+
+def _variant_rows(code_sizes=(16, 32)):
+    """Seed-major rows as cae.ablate.collect makes them; the MSE halves with each doubling."""
+    rows = []
+    for seed in range(3):
+        for k in code_sizes:
+            for v, mse in VARIANT_MSE.items():
+                decoder, tied = config.ABLATION_VARIANTS[v]
+                rows.append({"code_size": k, "variant": v, "decoder": decoder, "tied": tied,
+                             "seed": seed, "num_params": VARIANT_PARAMS[v] + k,
+                             "test_mse": mse[seed] * 16 / k, "test_psnr": 25.0,
+                             "pca_test_mse": 0.3 / k, "pca_probe_acc": None,
+                             "linear_probe_acc": None, "checkerboard_score": 0.01 * (1 + seed),
+                             "pca_checkerboard_score": 0.02, "wall_time_s": 1.0,
+                             "train_images_per_sec": 1.0, "run_dir": f"code{k}_{v}_seed{seed}"})
+    return rows
+
+
+def test_report_with_four_variants_has_a_row_and_a_verdict_for_each():
+    rows = _variant_rows()
+    variants = list(VARIANT_MSE)
+    sweep = config.AblationConfig(seeds=[0, 1, 2], code_sizes=[16, 32], variants=variants)
+    parsed = list(csv.DictReader(io.StringIO(ablation_report.render_csv(rows))))
+    assert list(parsed[0])[:3] == ["code_size", "variant", "decoder"]
+    assert [(r["variant"], r["decoder"], r["tied"]) for r in parsed[:4]] == [
+        ("tied", "mirror", "true"), ("untied", "mirror", "false"),
+        ("resize_conv", "resize_conv", "false"), ("resize_conv_deep", "resize_conv_deep", "false")]
+
+    md = ablation_report.render_markdown(rows, config.from_dict({}), sweep)
+    assert md.startswith("# Rate-distortion ablation: tied vs untied vs resize_conv vs "
+                         "resize_conv_deep against PCA")
+    assert "n = 6 tied, 6 untied, 6 resize_conv and 6 resize_conv_deep runs in all" in md
+    overview = md.split("## Test MSE against code size", 1)[1].split("\n## ", 1)[0]
+    for k in (16, 32):
+        means = {v: np.asarray(m) * 16 / k for v, m in VARIANT_MSE.items()}
+        cells = " | ".join(f"{m.mean():.6f} ± {np.std(m, ddof=1):.6f}" for m in means.values())
+        ratios = " | ".join(f"{0.3 / k / m.mean():.2f}x" for m in means.values())
+        assert f"| {k} | {0.3 / k:.6f} | {cells} | {ratios} |" in overview
+        assert overview.count(f"| 0.020 / {0.02:.3f} / {0.02:.3f} / {0.02:.3f} / {0.02:.3f} |") == 2
+        section = md.split(f"## Code of {k} numbers\n", 1)[1].split("\n## ", 1)[0]
+        for v, m in means.items():
+            assert (f"| {v} | 3 | {VARIANT_PARAMS[v] + k} | {m.mean():.6f} ± "
+                    f"{np.std(m, ddof=1):.6f} |") in section
+        assert f"| PCA-{k} (linear baseline) | | {k} components | {0.3 / k:.6f} |" in section
+        ratio = (VARIANT_PARAMS["untied"] + k) / (VARIANT_PARAMS["tied"] + k)
+        assert f"untied / tied: **{ratio:.3f}**" in section
+        assert "resize_conv / untied: **1.000**" in section
+        verdicts = section.split(f"### Verdict at {k} numbers\n\n", 1)[1].split("\n\n")
+        # tied vs untied in today's words, then the untied mirror against each other decoder
+        assert verdicts[0].startswith("Untied has the lower test MSE: untied - tied = ")
+        assert verdicts[2].startswith("Untied has the lower test MSE: resize_conv - untied = ")
+        assert "exceeds the seed-to-seed spread" in verdicts[2]  # 2.4x the MSE, tight seeds
+        assert verdicts[4].startswith("Untied has the lower test MSE: resize_conv_deep - untied")
+        assert "no detectable difference in test MSE between untied and resize_conv_deep" \
+            in verdicts[4]
+        c = ablation_report.compare(means["untied"], means["resize_conv"],
+                                    ("untied", "resize_conv"))
+        assert f"p = {c.p:.3g} < 0.05" in verdicts[2]
+
+    lines = ablation_report.result_lines(rows, variants)
+    assert len(lines) == 2 and lines[0].startswith(f"code of 16 numbers: PCA-16 {0.3 / 16:.5f}; ")
+    for v in variants:
+        assert f"/ {v}'s " in lines[0]
+    assert "untied - tied" in lines[0] and "resize_conv - untied" in lines[0]
+    assert "resize_conv_deep - untied" in lines[0]
+
+
+def test_variants_follow_the_configs_order_and_old_rows_read_as_tied_and_untied():
+    rows = [r for r in _variant_rows((16,)) if r["variant"] in ("untied", "resize_conv")]
+    sweep = config.AblationConfig(seeds=[0, 1, 2], code_sizes=[16],
+                                  variants=["resize_conv", "untied"])
+    md = ablation_report.render_markdown(rows, config.from_dict({}), sweep)
+    assert "| code size | PCA test MSE | resize_conv test MSE | untied test MSE |" in md
+    assert md.index("| resize_conv | 3 |") < md.index("| untied | 3 |")
+    assert "resize_conv - untied" in md and "untied - tied" not in md  # no tied: no such verdict
+    # Without an untied mirror, the tied one is the reference.
+    tied = [r for r in _variant_rows((16,)) if r["variant"] in ("tied", "resize_conv")]
+    assert "resize_conv - tied = " in ablation_report.result_lines(tied)[0]
+    # Rows from before the variant column: named from decoder and tied.
+    old = [{k: v for k, v in r.items() if k not in ("variant", "decoder")}
+           for r in _variant_rows((16,)) if r["variant"] in ("tied", "untied")]
+    parsed = list(csv.DictReader(io.StringIO(ablation_report.render_csv(old))))
+    assert [r["variant"] for r in parsed] == ["tied", "untied"] * 3
 
 
 def test_ablation_figure_draws_mean_band_and_points():
@@ -164,7 +256,7 @@ def _main(capsys, *args):
 
 BAD_SETS = [
     (["ablation.foo=1"], r"--set ablation\.foo: unknown key; allowed in ablation are "
-                         r"\['code_sizes', 'seeds'\]"),
+                         r"\['code_sizes', 'seeds', 'variants'\]"),
     (["ablation.code_sizes=[]"], r"ablation\.code_sizes=\[\]: list at least one size"),
     (["ablation.code_sizes=[8,0]"], r"ablation\.code_sizes\[1\]=0: must be >= 1"),
     (["ablation.code_sizes=[8,16,8]"], r"ablation\.code_sizes=\[8, 16, 8\]: size 8 appears twice"),
@@ -176,6 +268,18 @@ BAD_SETS = [
     (["ablation.seeds=[1,-1]"], r"ablation\.seeds\[1\]=-1: must be >= 0"),
     (["ablation.seeds=[true]"], r"ablation\.seeds\[0\]=True: expected int"),
     (["model.tied=false"], r"--set model\.tied: set by the sweep"),
+    (["model.decoder=resize_conv"], r"--set model\.decoder: set by the sweep; list decoders in "
+                                    r"ablation\.variants$"),
+    (["ablation.variants=[untied,transpose]"],
+     r"ablation\.variants\[1\]='transpose': allowed are 'tied' \| 'untied' \| 'resize_conv' \| "
+     r"'resize_conv_deep'$"),
+    (["ablation.variants=[]"], r"ablation\.variants=\[\]: list at least one of tied \| untied \| "
+                               r"resize_conv \| resize_conv_deep"),
+    (["ablation.variants=[tied,resize_conv,tied]"],
+     r"ablation\.variants=\['tied', 'resize_conv', 'tied'\]: variant tied appears twice; list "
+     r"each variant once$"),
+    (["ablation.variants=resize_conv"], r"ablation\.variants='resize_conv': expected list of "
+                                        r"\('tied' \| 'untied'"),
     (["train.seed=3"], r"--set train\.seed: set by the sweep; list the seeds in ablation\.seeds"),
     (["nope.x=1"], r"--set nope\.x: expected section\.key with section one of \['ablation'"),
     (["train.nope=1"], r"--set train\.nope: unknown key; allowed in train are"),
@@ -199,11 +303,13 @@ def test_bad_overrides_exit_2_with_one_line_and_nothing_created(capsys, tmp_path
 
 BAD_FILES = [
     ("ablation: {seeds: [0], repeats: 2}\n", r"unknown key ablation\.repeats: allowed in "
-                                             r"ablation are \['code_sizes', 'seeds'\]"),
+                                             r"ablation are \['code_sizes', 'seeds', 'variants'\]"),
     ("ablation: [0, 1]\n", r"ablation: expected a mapping of keys, got \[0, 1\]"),
     ("ablation: {seeds: 3}\n", r"ablation\.seeds=3: expected list of \(int\)"),
     ("sweep: {seeds: [0]}\n", r"unknown section 'sweep': allowed are \['ablation', 'data'"),
     ("model: {nope: 1}\n", r"unknown key model\.nope"),
+    ("ablation: {variants: [mirror]}\n", r"ablation\.variants\[0\]='mirror': allowed are 'tied' "
+                                         r"\| 'untied' \| 'resize_conv' \| 'resize_conv_deep'$"),
 ]
 
 
@@ -249,6 +355,60 @@ def test_tied_and_seed_in_the_file_are_dropped_with_a_note(tmp_path):
     with pytest.raises(config.ConfigError, match=r"^train\.epochs=0: must be >= 1$"):
         ablate.load_ablation_config(path, ["train.epochs=0"], note=notes.append)
     assert len(notes) == 2  # a mistake is reported alone, without the notes
+
+
+def test_variants_are_the_mirror_tied_and_untied_and_every_other_decoder():
+    """ablation.variants' names come from cae.models: a decoder added there is a variant."""
+    mirror, = models.TIEABLE_DECODERS
+    assert config.ABLATION_VARIANTS == {
+        "tied": (mirror, True), "untied": (mirror, False),
+        **{d: (d, False) for d in models.DECODERS if d != mirror}}
+    assert set(config.ABLATION_VARIANTS) >= {"resize_conv", "resize_conv_deep"}
+    assert config.AblationConfig().variants == ["tied", "untied"]  # today's sweep, unchanged
+
+
+def test_decoder_in_the_file_is_dropped_with_a_note_and_variants_plan_the_runs(tmp_path):
+    path = tmp_path / "base.yaml"
+    path.write_text("model: {decoder: resize_conv, tied: false, features: [8]}\n"
+                    "ablation: {seeds: [3, 4], code_sizes: [8, 16], "
+                    "variants: [resize_conv_deep, untied, resize_conv]}\n")
+    notes = []
+    base, sweep = ablate.load_ablation_config(path, note=notes.append)
+    assert sweep.variants == ["resize_conv_deep", "untied", "resize_conv"]
+    assert len(notes) == 2 and "model.tied=False" in notes[0]
+    assert notes[1] == (f"note: model.decoder='resize_conv' in {path} is not used: set by the "
+                        "sweep; list decoders in ablation.variants")
+    runs = ablate.plan_runs(base, sweep)
+    # Seed-major, then code size, then the variants in the listed order.
+    assert [(r.name, r.variant, r.cfg.model.decoder, r.cfg.model.tied, r.tied,
+             r.cfg.model.code_size, r.cfg.train.seed) for r in runs] == [
+        (f"code{k}_{v}_seed{seed}", v, "mirror" if v == "untied" else v, False, False, k, seed)
+        for seed in (3, 4) for k in (8, 16) for v in ("resize_conv_deep", "untied", "resize_conv")]
+    assert all(r.dir == Path(base.output.dir) / r.name for r in runs)
+    assert all(r.cfg.model.features == [8] for r in runs)
+
+    # Without code_sizes: <variant>_seed<k>; tied sets model.tied and the mirror.
+    one = ablate.plan_runs(base, config.AblationConfig(seeds=[0], variants=["tied", "resize_conv"]))
+    assert [(r.name, r.cfg.model.decoder, r.tied) for r in one] == [
+        ("tied_seed0", "mirror", True), ("resize_conv_seed0", "resize_conv", False)]
+
+
+def test_the_decoder_sweep_config_plans_every_variant_at_every_size():
+    """configs/ablation_decoders.yaml: 6 sizes x 2 seeds x 4 variants, the code layer's learning
+    rate scaled (train.code_lr_reference needs model.code_size: the sweep sets it for every run,
+    so the base is valid; without code_sizes it is the usual error)."""
+    path = REPO / "configs" / "ablation_decoders.yaml"
+    base, sweep = ablate.load_ablation_config(path, note=lambda s: pytest.fail(s))
+    runs = ablate.plan_runs(base, sweep)
+    variants = ["tied", "untied", "resize_conv", "resize_conv_deep"]
+    sizes = [8, 16, 32, 64, 128, 256]
+    assert [r.name for r in runs] == [f"code{k}_{v}_seed{seed}" for seed in (0, 1)
+                                      for k in sizes for v in variants]
+    assert {(r.cfg.train.epochs, r.cfg.train.linear_probe, r.cfg.train.code_lr_reference,
+             tuple(r.cfg.model.features)) for r in runs} == {(1, False, 32, (32, 64, 128))}
+    with pytest.raises(config.ConfigError, match=r"^train\.code_lr_reference=32: .* it needs "
+                                                 r"model\.code_size \(now null\)"):
+        ablate.load_ablation_config(path, ["ablation.code_sizes=null"], note=lambda s: None)
 
 
 def test_unusable_output_dirs_are_refused_before_training(capsys, tmp_path):
@@ -439,3 +599,53 @@ def test_single_code_sweep_keeps_its_run_names_and_epoch_curves(capsys, mnist_di
                                   [metrics[0]["initial_test_mse"], metrics[0]["test_mse"]])
     md = (out / "ablation.md").read_text()
     assert "# Tied vs untied ablation" in md and "## Verdict\n\n" in md and "PCA-6" in md
+
+
+@pytest.mark.slow
+def test_decoder_sweep_end_to_end(capsys, mnist_dirs, tmp_path, monkeypatch):
+    """ablation.variants=[untied, resize_conv] at two code sizes, one seed, through
+    cae.ablate.main on real MNIST (tiny: the SMALL model and data, no linear probe)."""
+    monkeypatch.setenv("CAE_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "sweep"
+    code, stdout, err = _sweep(capsys, mnist_dirs, out, "ablation.seeds=[0]",
+                               "ablation.variants=[untied,resize_conv]", "train.linear_probe=false")
+    assert code == 0, err
+    names = ["code4_untied_seed0", "code4_resize_conv_seed0", "code8_untied_seed0",
+             "code8_resize_conv_seed0"]
+    for i, name in enumerate(names, 1):
+        assert f"[{i}/4] {name}: done" in stdout
+    rows = list(csv.DictReader(io.StringIO((out / "ablation.csv").read_text())))
+    assert [(r["code_size"], r["variant"], r["decoder"], r["tied"], r["run_dir"]) for r in rows] \
+        == [(n[4], v, d, "false", n) for n, v, d in zip(
+            names, ["untied", "resize_conv"] * 2, ["mirror", "resize_conv"] * 2)]
+    for r in rows:
+        run = out / r["run_dir"]
+        summary = json.loads((run / "summary.json").read_text())
+        saved = config.from_dict(yaml.safe_load((run / "config.yaml").read_text()))
+        assert (saved.model.decoder, saved.model.tied) == (r["decoder"], False)
+        assert saved.model.code_size == int(r["code_size"]) == summary["code_size"]
+        assert summary["decoder"] == r["decoder"]
+        for key in ("checkerboard_score", "pca_checkerboard_score", "test_mse", "num_params"):
+            assert r[key] != "" and float(r[key]) == summary[key], key
+        assert 0.0 <= float(r["checkerboard_score"]) <= 1.0
+        assert r["linear_probe_acc"] == ""  # train.linear_probe=false
+        assert summary["test_mse"] < 0.9 * summary["initial_test_mse"]  # it trained
+        assert (run / "checkerboard.png").read_bytes().startswith(b"\x89PNG")
+
+    md = (out / "ablation.md").read_text()
+    assert md.startswith("# Rate-distortion ablation: untied vs resize_conv against PCA")
+    for k in ("4", "8"):
+        section = md.split(f"## Code of {k} numbers\n", 1)[1].split("\n## ", 1)[0]
+        mse = {r["variant"]: float(r["test_mse"]) for r in rows if r["code_size"] == k}
+        for v in ("untied", "resize_conv"):
+            assert f"| {v} | 1 | " in section and f"{mse[v]:.6f} ± n/a" in section
+        judged = section.split(f"### Verdict at {k} numbers\n\n", 1)[1].split("\n", 1)[0]
+        assert f"resize_conv - untied = {mse['resize_conv'] - mse['untied']:+.3g}" in judged
+        assert "cannot be judged" in judged  # one seed
+        assert "untied - tied" not in section  # no tied run, no tied-vs-untied verdict
+    assert "| code size | PCA test MSE | untied test MSE | resize_conv test MSE |" in md
+    assert "code of 4 numbers: PCA-4 " in stdout and "/ resize_conv's " in stdout
+
+    from matplotlib import image
+
+    assert image.imread(out / "ablation.png").shape[:2] == (400, 1000)

@@ -159,14 +159,6 @@ def test_existing_configs_keep_the_mirror_decoder():
         assert config.load_config(path).model.decoder == "mirror", path.name
 
 
-def test_the_tied_vs_untied_sweep_refuses_a_decoder_that_cannot_be_tied(tmp_path):
-    path = tmp_path / "a.yaml"
-    path.write_text("ablation:\n  seeds: [0]\nmodel:\n  decoder: resize_conv\n")
-    with pytest.raises(ConfigError, match=r"^model\.decoder='resize_conv': the sweep trains "
-                                          r"every run tied and untied"):
-        ablate.load_ablation_config(path, note=lambda _: None)
-
-
 # ----------------------------------------------------------------------------------------------
 # The checkerboard score on constructed cases
 # ----------------------------------------------------------------------------------------------
