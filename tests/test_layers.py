@@ -67,8 +67,9 @@ def test_the_modules_form_floors_without_a_circle():
     for name, (ours, _, _) in MODULES.items():
         assert all(floors[m] < floors[name] for m in ours), name
     # The layers docs/design.md draws, bottom to top.
-    order = [("errors", "files", "cpu_speed"), ("cli", "ops", "checkpoints", "cluster"),
-             ("config",), ("rundir",), ("experiment",), ("report", "ablation_report"),
+    order = [("errors", "files", "cpu_speed"), ("cli", "ops", "checkpoints", "cluster"), ("nn",),
+             ("models",), ("config", "baselines"), ("rundir", "experiment"),
+             ("report", "ablation_report"),
              ("train",), ("ablate",)]
     for lower, upper in zip(order, order[1:]):
         assert max(floors[m] for m in lower) < min(floors[m] for m in upper), (lower, upper)
