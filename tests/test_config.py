@@ -113,6 +113,9 @@ BAD_OVERRIDES = [
      r"'subpixel_phasewise' \| 'zero_insertion' \| 'gemm' \| 'subpixel_phasewise_gemm'$"),
     (["model.conv_transpose_impl=lax"],  # comparison-only forms are not model options
      r"model\.conv_transpose_impl='lax': allowed are 'auto' \|"),
+    (["train.code_lr_reference=0"], r"train\.code_lr_reference=0: must be >= 1 \(the code "),
+    (["model.code_size=null"], r"train\.code_lr_reference=32: scales the fully connected "
+                               r"code layer's learning rate: it needs model\.code_size"),
     (["data.name="], r"data\.name=None: expected str"),
     (["data.max_train_examples=0"], r"data\.max_train_examples=0: must be >= 1 or null"),
     (["output.overwrite=maybe"], r"output\.overwrite='maybe': expected bool"),
@@ -163,3 +166,37 @@ def test_numbers_beyond_the_dtypes_the_run_uses_are_rejected(override, message):
     with pytest.raises(ConfigError, match=message):
         config.load_config(CONFIGS[0].parent / "smoke.yaml", [override])
     config.load_config(CONFIGS[0].parent / "smoke.yaml", ["train.warmup_steps=2147483647"])
+
+
+@pytest.mark.parametrize("code_size,scale", [(8, 1.0), (32, 1.0), (64, 0.5), (256, 0.125)])
+def test_code_lr_reference_scales_only_the_code_layers_step(code_size, scale):
+    """One Adam step from the same gradients: the code layer's (encoder_3: W and its bias,
+    decoder_3: the bias after W^T) update is `scale` times the plain optimizer's, every other
+    leaf's the same; never scaled up (K=8 < 32)."""
+    import jax
+    import numpy as np
+
+    from cae import experiment
+
+    cfg = config.load_config(CONFIGS[0].parent / "mnist_tied.yaml",
+                             [f"model.code_size={code_size}"])
+    plain = config.load_config(CONFIGS[0].parent / "mnist_tied.yaml",
+                               [f"model.code_size={code_size}", "train.code_lr_reference=null"])
+    assert experiment.code_lr_scale(cfg) == scale
+    state = experiment.create_train_state(cfg, (28, 28, 1), 100)
+    grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(p.size), p.shape),
+                         state.params)
+    updates = {}
+    for name, c in (("scaled", cfg), ("plain", plain)):
+        tx = experiment.build_optimizer(c, 100)
+        updates[name], _ = tx.update(grads, tx.init(state.params), state.params)
+    code = experiment.code_layer_names(cfg)
+    assert code == ("encoder_3", "decoder_3")
+    for module in state.params:
+        for leaf in state.params[module]:
+            want = updates["plain"][module][leaf] * (scale if module in code else 1.0)
+            np.testing.assert_allclose(updates["scaled"][module][leaf], want, rtol=1e-6,
+                                       atol=1e-12)
+    # not vacuous: the plain step moves the code layer's W by about the learning rate
+    w = np.abs(np.asarray(updates["plain"]["encoder_3"]["kernel"]))
+    assert 0.5 * cfg.train.learning_rate < w.mean() < 2 * cfg.train.learning_rate
