@@ -33,9 +33,10 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import jax
 import numpy as np
 
-from cae import ablation_report, cli, cluster, experiment, rundir, train
+from cae import ablation_report, baselines, cli, cluster, experiment, rundir, train
 from cae import config as config_lib
 from cae.config import AblationConfig, Config, ConfigError
 
@@ -282,6 +283,20 @@ def _code_size(run: Run, summary: dict) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
+def _cache_compiled_programs() -> None:
+    """Keep XLA's compiled programs in ``<cache_dir>/jax`` (JAX's persistent compilation cache):
+    runs of one variant and code size differ only in their seed, so every seed after the first
+    loads its programs instead of compiling them again (6-11 s a run on 2 CPU cores). The same
+    program gives the same numbers either way. A cache that cannot be created is skipped."""
+    folder = baselines.cache_dir() / "jax"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = cli.CommandLineParser(prog="python -m cae.ablate",
                                    description=__doc__.splitlines()[0])
@@ -291,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def run():
+        _cache_compiled_programs()
         if cluster.launched_as_several_processes():
             raise ConfigError("cae.ablate runs as one process (it trains one run after the "
                               "other); start it without a multi-process launcher, or run "

@@ -4,7 +4,11 @@ the plain expressions). BENCHMARKS.md, "Fast training on CPU", has one row per d
 figure.
 
 * :func:`compile_fast`: compile with XLA's own convolutions instead of YNNPACK's, which are
-  slower at our shapes.
+  slower at our shapes; :func:`lower_and_compile_fast` also traces the program knowing it
+  (:func:`tracing_for_compile_fast`), so ``ops``' ``impl="auto"`` picks the forms fastest
+  under those options, and under XLA's defaults (a user's plain ``jax.jit``) the others.
+* :func:`jit`: ``jax.jit`` with those options, for a user's own function (e.g. a model built
+  from ``cae.ops`` / ``cae.nn``): what ``cae.train`` gets, in one line.
 * :func:`add_bias`: ``x + bias`` whose bias gradient is summed along rows XLA:CPU vectorises.
 * :func:`materialize`: an identity 1x1 conv that keeps XLA:CPU from fusing a recomputed
   activation into the transpose feeding a kernel cotangent.
@@ -12,11 +16,16 @@ figure.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["add_bias", "compile_fast", "materialize", "xla_compiler_options"]
+__all__ = ["add_bias", "compile_fast", "jit", "lower_and_compile_fast", "materialize",
+           "traced_for_compile_fast", "tracing_for_compile_fast", "xla_compiler_options"]
 
 
 def materialize(x: jax.Array) -> jax.Array:
@@ -102,3 +111,61 @@ def compile_fast(lowered: jax.stages.Lowered) -> jax.stages.Compiled:
             if not any(name in str(err) for name in options):
                 raise
     return lowered.compile()
+
+
+_TRACING_FOR_FAST = contextvars.ContextVar("cae_tracing_for_compile_fast", default=False)
+
+
+def tracing_for_compile_fast() -> bool:
+    """True while :func:`lower_and_compile_fast` traces a program that :func:`compile_fast` will
+    compile with :func:`xla_compiler_options` (non-empty: on CPU). Read at trace time by
+    ``ops.choose_impl``: which form of a layer is fastest depends on the convolutions the
+    compiler will use."""
+    return _TRACING_FOR_FAST.get()
+
+
+@contextlib.contextmanager
+def traced_for_compile_fast():
+    """Within the block, :func:`tracing_for_compile_fast` is true when :func:`compile_fast` has
+    options to apply (on CPU): trace there what :func:`compile_fast` will compile."""
+    token = _TRACING_FOR_FAST.set(bool(xla_compiler_options()))
+    try:
+        yield
+    finally:
+        _TRACING_FOR_FAST.reset(token)
+
+
+def lower_and_compile_fast(jitted, *args, **kwargs) -> jax.stages.Compiled:
+    """``compile_fast(jitted.lower(*args, **kwargs))``, traced knowing it
+    (:func:`traced_for_compile_fast`)."""
+    with traced_for_compile_fast():
+        lowered = jitted.lower(*args, **kwargs)
+    return compile_fast(lowered)
+
+
+def jit(fun, **jit_kwargs):
+    """``jax.jit(fun, **jit_kwargs)`` compiled with :func:`xla_compiler_options` and traced for
+    them (:func:`traced_for_compile_fast`): the speed ``cae.train`` gets, for a user's own
+    function. On 2 CPU cores the default decoder's transposed convs (forward + gradients) take
+    0.77x PyTorch's time this way, 1.2-1.5x under a plain ``jax.jit`` (BENCHMARKS.md, "Plain
+    jax.jit vs PyTorch"). Same numbers as ``jax.jit(fun)`` up to float rounding (the forms
+    ``cae.ops`` picks may differ). A jaxlib that does not know the options compiles with its
+    defaults."""
+    options = xla_compiler_options()
+    jitted = jax.jit(fun, compiler_options=options or None, **jit_kwargs)
+    plain = jax.jit(fun, **jit_kwargs) if options else jitted
+    state = {"options_ok": True}
+
+    @functools.wraps(fun)
+    def call(*args, **kwargs):
+        if state["options_ok"]:
+            try:
+                with traced_for_compile_fast():
+                    return jitted(*args, **kwargs)
+            except Exception as err:  # noqa: BLE001 - jaxlib raises a generic runtime error
+                if not any(name in str(err) for name in options):
+                    raise
+                state["options_ok"] = False
+        return plain(*args, **kwargs)
+
+    return call

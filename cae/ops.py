@@ -897,7 +897,11 @@ def choose_impl(kernel_shape: Sequence[int], strides=1, dilation=1, groups: int 
       (k=4, s=2) "subpixel_phasewise", in 2-D "subpixel_phasewise_gemm" (its phase kernel
       cotangents as GEMMs: 1.7x faster under a plain ``jax.jit``, and no shipped config has
       such a layer for ``cpu_speed.compile_fast``, under which it is slower); otherwise
-      (k=3, s=2) "subpixel";
+      (k=3, s=2) "subpixel" in a program traced for ``cpu_speed.compile_fast``
+      (``cpu_speed.tracing_for_compile_fast``: cae.train's) or off the CPU, and "gemm" in one
+      a plain ``jax.jit`` compiles on the CPU, where XLA's default (YNNPACK) convolutions make
+      the sub-pixel form's convolutions slower than one im2col and two GEMMs (BENCHMARKS.md,
+      "Plain jax.jit vs PyTorch");
     * else "zero_insertion" (with stride 1 there are no zeros to avoid and both are one
       convolution; a dilated kernel's sub-pixel phases would multiply its inserted zeros).
     """
@@ -911,6 +915,9 @@ def choose_impl(kernel_shape: Sequence[int], strides=1, dilation=1, groups: int 
     if max(s) > 1 and max(d) == 1 and kernel_shape[-2] >= _SUBPIXEL_MIN_CHANNELS:
         if all(k % st == 0 for k, st in zip(kernel_shape[:nd], s)):
             return "subpixel_phasewise_gemm" if nd == 2 else "subpixel_phasewise"
+        if (nd == 2 and not cpu_speed.tracing_for_compile_fast()
+                and jax.default_backend() == "cpu"):
+            return "gemm"
         return "subpixel"
     return "zero_insertion"
 

@@ -49,7 +49,8 @@ def encode_images(apply_fn, params, images: np.ndarray, batch_size: int) -> np.n
     if n == 0:
         return np.zeros((0, 0), np.float32)
     # One program for every batch, compiled as cae.train compiles its own (cpu_speed.compile_fast).
-    encode = cpu_speed.compile_fast(_encode_batch.lower(apply_fn, params, images[:batch_size]))
+    encode = cpu_speed.lower_and_compile_fast(_encode_batch, apply_fn, params,
+                                              images[:batch_size])
     codes = None
     for start in range(0, n, batch_size):
         batch = images[start:start + batch_size]

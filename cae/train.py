@@ -169,7 +169,8 @@ def compile_evaluation(state: TrainState, test: EvalSet):
     """``evaluate``'s program for this state and split, compiled as the training step is
     (``cpu_speed.compile_fast``: on CPU ~2x faster than XLA's default compile of the same
     program)."""
-    return cpu_speed.compile_fast(_sum_squared_errors.lower(state, test.batches, test.valid))
+    return cpu_speed.lower_and_compile_fast(_sum_squared_errors, state, test.batches,
+                                            test.valid)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -350,8 +351,8 @@ class EpochTrainer:
         batches = jax.ShapeDtypeStruct((self.steps, cfg.train.batch_size), jnp.int32,
                                        sharding=self.batch_sharding)
         self.programs = {
-            length: cpu_speed.compile_fast(train_epoch_steps.lower(
-                state, self.images, batches, np.int32(0), length))
+            length: cpu_speed.lower_and_compile_fast(
+                train_epoch_steps, state, self.images, batches, np.int32(0), length)
             for length in {min(LOG_EVERY, self.steps), self.steps % LOG_EVERY} - {0}}
         print(f"compiled the training step ({cfg.train.batch_size} images, {mesh.size} "
               f"device{'s' if mesh.size > 1 else ''}) in {time.perf_counter() - t0:.1f} s",

@@ -40,8 +40,8 @@ def compile_step(cfg, images, batches, gemm: bool):
     path for a conv that covers its input."""
     with ops.gemm_for_covering_kernels(gemm):  # traced now: the program keeps the path
         state = experiment.create_train_state(cfg, images.shape[1:], 1000)
-        lowered = train.train_epoch_steps.lower(state, images, batches, np.int32(0), len(batches))
-        program = cpu_speed.compile_fast(lowered)
+        program = cpu_speed.lower_and_compile_fast(train.train_epoch_steps, state, images,
+                                                   batches, np.int32(0), len(batches))
     return program, state
 
 

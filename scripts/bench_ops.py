@@ -271,8 +271,8 @@ def bench(name, layers, methods, reps, torch, xla_default=False):
             run, grads = torch_step(torch, layers, y, kernels, g)
             thunks[m] = run
         else:
-            lowered = jax_step(m, layers).lower(yj, gj, kj)
-            step = lowered.compile() if xla_default else cpu_speed.compile_fast(lowered)
+            step = (jax_step(m, layers).lower(yj, gj, kj).compile() if xla_default
+                    else cpu_speed.lower_and_compile_fast(jax_step(m, layers), yj, gj, kj))
             grads = jax.block_until_ready(step(yj, gj, kj))[1]  # compile
             thunks[m] = functools.partial(run_jax, step, yj, gj, kj)
         if m == BASELINE:
@@ -356,7 +356,7 @@ def _plain_jit_step(method, s, p, op, y, k):
 
     step = jax.jit(jax.grad(loss, argnums=(0, 1)))
     if method.endswith("+fast"):
-        step = cpu_speed.compile_fast(step.lower(y, k))
+        step = cpu_speed.lower_and_compile_fast(step, y, k)
     return lambda: jax.block_until_ready(step(y, k))
 
 

@@ -933,10 +933,18 @@ def test_auto_impl_is_the_chosen_impl_exactly():
     """impl="auto" (the default) is choose_impl's pick for each layer shape, bit for bit, and the
     pick follows the documented rule."""
     assert ops.DEFAULT_IMPL == "auto"
-    assert ops.choose_impl((3, 3, 32, 64), 2) == "subpixel"   # the default decoder's dec2
-    assert ops.choose_impl((3, 3, 64, 16), (2, 2)) == "subpixel"
+    # k=3, s=2 (the default decoder's dec2): the sub-pixel form where cae.train traces for its
+    # compile options, one im2col and two GEMMs under a plain jax.jit on the CPU
+    plain = "gemm" if jax.default_backend() == "cpu" else "subpixel"
+    assert ops.choose_impl((3, 3, 32, 64), 2) == plain
+    assert ops.choose_impl((3, 3, 64, 16), (2, 2)) == plain
+    with cpu_speed.traced_for_compile_fast():
+        assert ops.choose_impl((3, 3, 32, 64), 2) == "subpixel"
+        assert ops.choose_impl((3, 3, 64, 16), (2, 2)) == "subpixel"
+    assert ops.choose_impl((3, 3, 3, 64, 16), 2) == "gemm"  # 3-D: either way
     assert ops.choose_impl((4, 4, 64, 64), 2) == "subpixel_phasewise_gemm"  # s divides k
-    assert ops.choose_impl((4, 3, 64, 64), 2) == "subpixel"  # ... along both axes only
+    with cpu_speed.traced_for_compile_fast():
+        assert ops.choose_impl((4, 3, 64, 64), 2) == "subpixel"  # ... along both axes only
     assert ops.choose_impl((3, 3, 1, 32), 2) == "zero_insertion"   # C_in = 1: the last layer
     assert ops.choose_impl((3, 3, 32, 64), 1) == "zero_insertion"  # stride 1: no zeros to avoid
     rng = np.random.default_rng(3)
@@ -951,6 +959,49 @@ def test_auto_impl_is_the_chosen_impl_exactly():
             np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     with pytest.raises(ValueError, match="'auto'"):
         ops.conv_transpose(y, kernel, 2, 1, 0, impl="fast")
+
+
+def test_programs_compiled_fast_are_traced_knowing_it():
+    """cpu_speed.lower_and_compile_fast traces with tracing_for_compile_fast() true on the CPU
+    (where compile_fast has options), so auto picks cae.train's forms there; a plain jax.jit
+    traces with it false, and the flag does not leak out of the block."""
+    seen = []
+
+    def doubler():  # a new function each time: JAX caches traces per function
+        def f(x):
+            seen.append(cpu_speed.tracing_for_compile_fast())
+            return x * 2
+        return f
+
+    x = jnp.ones(3)
+    np.testing.assert_array_equal(cpu_speed.lower_and_compile_fast(jax.jit(doubler()), x)(x),
+                                  2 * x)
+    jax.jit(doubler())(x)
+    assert seen == [bool(cpu_speed.xla_compiler_options()), False]
+    assert cpu_speed.tracing_for_compile_fast() is False
+
+
+def test_cpu_speed_jit_is_jax_jit_with_our_options_and_choices():
+    """cpu_speed.jit: traced for compile_fast (auto picks cae.train's forms), the same gradients
+    as a plain jax.jit of the same function up to rounding, and jit's own arguments pass."""
+    seen = []
+
+    def loss(y, k):
+        seen.append(cpu_speed.tracing_for_compile_fast())
+        return jnp.sum(ops.conv_transpose(y, k, 2, 1, 1) ** 2)
+
+    rng = np.random.default_rng(0)
+    y = jnp.asarray(rng.standard_normal((2, 7, 7, 16)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((3, 3, 8, 16)), jnp.float32)
+    fast = cpu_speed.jit(jax.grad(loss, argnums=(0, 1)))
+    plain = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    for a, b in zip(fast(y, k), plain(y, k)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    assert seen == [bool(cpu_speed.xla_compiler_options()), False]
+    fast(y, k)  # a second call reuses the compiled program: no new trace
+    assert len(seen) == 2
+    donated = cpu_speed.jit(lambda a: a * 2, donate_argnums=0)
+    np.testing.assert_array_equal(donated(jnp.ones(3)), 2 * np.ones(3))
 
 
 # A geometry on which XLA:CPU (jaxlib 0.10.2) aborts the process compiling lax.conv_transpose

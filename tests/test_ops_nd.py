@@ -22,6 +22,7 @@ What is checked, against what (numbers, never mocks):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 
@@ -33,7 +34,7 @@ from conv_transpose_variants import AUTODIFF
 from jax import lax
 from torch_import import import_torch
 
-from cae import ops
+from cae import cpu_speed, ops
 
 # auto and every implementation it may pick (ops.choose_impl).
 ND_IMPLS = ["auto", *sorted(ops.IMPLEMENTATIONS)]
@@ -144,8 +145,12 @@ def test_cases_cover_what_the_tests_claim():
         assert max(max(c.d) for c in cases) == 3 and max(max(c.s) for c in cases) == 3
     assert any(lo != hi for c in CASES for lo, hi in c.pads)
     assert any(max(c.op) > 0 for c in CASES)
-    picks = {ops.choose_impl((*c.k, c.cig, c.cog * c.groups), c.s, c.d, c.groups)
-             for c in CASES}
+    picks = set()
+    for traced_for_compile_fast in (False, True):  # cae.train's choices and a plain jit's
+        with (cpu_speed.traced_for_compile_fast() if traced_for_compile_fast
+              else contextlib.nullcontext()):
+            picks |= {ops.choose_impl((*c.k, c.cig, c.cog * c.groups), c.s, c.d, c.groups)
+                      for c in CASES}
     assert picks == set(ops.IMPLEMENTATIONS), picks  # auto exercises every implementation
 
 
