@@ -306,11 +306,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def run():
-        _cache_compiled_programs()
         if cluster.launched_as_several_processes():
             raise ConfigError("cae.ablate runs as one process (it trains one run after the "
                               "other); start it without a multi-process launcher, or run "
                               "cae.train once per run for several processes")
+        _cache_compiled_programs()
         base, ablation = load_ablation_config(args.config, args.set)
         runs = run_sweep(base, ablation, log=lambda s: print(s, flush=True))
         rows, curves = collect(runs)

@@ -97,6 +97,11 @@ def xla_compiler_options(backend: str | None = None) -> dict[str, str]:
     return dict(_CPU_OPTIONS) if backend == "cpu" else {}
 
 
+def _rejects_options(err: Exception, options: dict[str, str]) -> bool:
+    """Whether a compile error is jaxlib refusing one of our (experimental) options by name."""
+    return any(name in str(err) for name in options)
+
+
 def compile_fast(lowered: jax.stages.Lowered) -> jax.stages.Compiled:
     """``lowered.compile()`` with :func:`xla_compiler_options`.
 
@@ -108,7 +113,7 @@ def compile_fast(lowered: jax.stages.Lowered) -> jax.stages.Compiled:
         try:
             return lowered.compile(options)
         except Exception as err:  # noqa: BLE001 - jaxlib raises a generic runtime error
-            if not any(name in str(err) for name in options):
+            if not _rejects_options(err, options):
                 raise
     return lowered.compile()
 
@@ -163,7 +168,7 @@ def jit(fun, **jit_kwargs):
                 with traced_for_compile_fast():
                     return jitted(*args, **kwargs)
             except Exception as err:  # noqa: BLE001 - jaxlib raises a generic runtime error
-                if not any(name in str(err) for name in options):
+                if not _rejects_options(err, options):
                     raise
                 state["options_ok"] = False
         return plain(*args, **kwargs)
