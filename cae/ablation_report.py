@@ -404,7 +404,10 @@ def write_reports(out_dir: str | os.PathLike, rows: Sequence[dict],
                for k in sizes]
         plots.save_figure(out_dir / PNG_FILE, plots.rate_distortion_figure(
             np.asarray(sizes), final, np.asarray([np.nan if v is None else v for v in pca]),
-            title=f"{base.data.name}: test MSE vs code size, {base.train.epochs} epoch(s), "
+            title=f"{base.data.name}"
+                  + (f" (first {base.data.max_train_examples} train images)"
+                     if base.data.max_train_examples else "")
+                  + f": test MSE vs code size, {base.train.epochs} epoch(s), "
                   f"seeds {ablation.seeds}"))
     else:
         final = _by_variant(rows, "test_mse", variants)
