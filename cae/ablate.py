@@ -150,7 +150,8 @@ def load_ablation_config(path: str | os.PathLike, overrides: Sequence[str] = (),
         values = raw.get(section)
         if isinstance(values, dict) and key in values:
             # A training config used as the base: say that its value is not used, and go on.
-            notes.append(f"note: {section}.{key}={values[key]!r} in {path} is not used: {why}")
+            shown = config_lib.shown_value(values[key])
+            notes.append(f"note: {section}.{key}={shown} in {path} is not used: {why}")
             raw[section] = {k: v for k, v in values.items() if k != key}
     ablation = _ablation_from_dict(ablation_raw)
     model = raw.get("model")

@@ -22,7 +22,7 @@ from cae.errors import ConfigError
 
 __all__ = [
     "Config", "DataConfig", "ModelConfig", "TrainConfig", "OutputConfig", "AblationConfig",
-    "ABLATION_VARIANTS", "ConfigError",
+    "ABLATION_VARIANTS", "ConfigError", "shown_value",
     "load_config", "apply_overrides", "parse_overrides", "from_dict", "to_dict", "to_yaml",
     "per_layer", "read_yaml_file", "SECTIONS",
 ]
@@ -148,7 +148,7 @@ def _describe(tp) -> str:
 def _coerce(value, tp, key: str):
     """Return ``value`` checked against (and lightly normalised to) type ``tp``."""
     origin = typing.get_origin(tp)
-    bad = ConfigError(f"{key}={value!r}: expected {_describe(tp)}")
+    bad = ConfigError(f"{key}={shown_value(value)}: expected {_describe(tp)}")
     if origin in (Union, types.UnionType):
         for option in typing.get_args(tp):
             try:
@@ -263,7 +263,12 @@ def _layer_values(value, n: int, key: str):
 
 def _require(ok: bool, key: str, value, allowed: str):
     if not ok:
-        raise ConfigError(f"{key}={value!r}: {allowed}")
+        raise ConfigError(f"{key}={shown_value(value)}: {allowed}")
+
+
+def shown_value(value) -> str:
+    """A value as the user wrote it: a bool in YAML's spelling (true), the rest as repr."""
+    return str(value).lower() if isinstance(value, bool) else repr(value)
 
 
 # Step counts, sizes and seeds become int32 scalars inside the compiled programs (and in orbax

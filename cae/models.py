@@ -21,9 +21,9 @@ chosen from encoder layer i's input size, so every decoder layer restores exactl
   checkerboard by construction. Its kernel ``[k, k, C_out_i, C_in_i]`` has as many numbers as
   the untied mirror's: the same parameter count, but no encoder kernel to share (not tied).
 * ``"resize_conv_deep"``: ``resize_conv`` with, before each upsampling, a residual stride-1 conv
-  at the coarser size, ``y' + conv(act(y'), R_i, 1, SAME)`` with ``R_i`` ``[k, k, F_i, F_i]``
-  initialised to zero (so at initialisation it computes what ``resize_conv`` computes):
-  more capacity where the maps are small, hence cheap.
+  at the coarser size, ``y' + g_i * conv(act(y'), R_i, 1, SAME)`` (:class:`Refine`: ``R_i``
+  ``[k, k, F_i, F_i]`` He-normal, the scalar gate ``g_i`` starting at 0, so at initialisation it
+  computes what ``resize_conv`` computes): more capacity where the maps are small, hence cheap.
 
 A layer whose kernel covers its whole input (the fully connected code, ``code_size``) has no
 spatial structure to upsample: every decoder decodes it with its ``W^T``-shaped transpose
@@ -43,8 +43,8 @@ import numpy as np
 from cae import cpu_speed, ops
 from cae import nn as cae_nn
 
-__all__ = ["ConvAutoencoder", "strided_conv", "transposed_conv", "ResizeConv", "ACTIVATIONS",
-           "DECODERS", "TIEABLE_DECODERS", "layer_sizes", "layer_plan", "code_shape", "kernel_hw",
+__all__ = ["ConvAutoencoder", "strided_conv", "transposed_conv", "ResizeConv", "Refine",
+           "ACTIVATIONS", "DECODERS", "TIEABLE_DECODERS", "layer_sizes", "layer_plan", "code_shape", "kernel_hw",
            "covers_input", "nearest_resize", "overlap_maps", "resize_conv_as_transpose"]
 
 # model.decoder's names. Only "mirror" has an encoder kernel for each decoder layer to share.
@@ -114,19 +114,16 @@ def nearest_resize(x: jax.Array, output_hw: Sequence[int]) -> jax.Array:
 class ResizeConv(nn.Module):
     """``x = conv(nearest_resize(y, output_hw), kernel, 1, "SAME") + bias``: the resize-conv
     upsampling layer (Odena et al. 2016). y: [N, h, w, C_in] -> [N, *output_hw, features].
-    The kernel [k, k, C_in, features] is He-normal like an encoder conv's, or zeros with
-    ``zero_init`` (a residual branch that starts switched off). Same size in and out: no
-    resize, a plain stride-1 conv."""
+    The kernel [k, k, C_in, features] is He-normal like an encoder conv's. Same size in and
+    out: no resize, a plain stride-1 conv."""
 
     features: int
     kernel_size: int | tuple[int, int]  # k (square) or (kh, kw)
     output_hw: tuple[int, int]
-    zero_init: bool = False
 
     @nn.compact
     def __call__(self, y: jax.Array) -> jax.Array:
-        init = nn.initializers.zeros if self.zero_init else _encoder_init
-        kernel = self.param("kernel", init,
+        kernel = self.param("kernel", _encoder_init,
                             (*kernel_hw(self.kernel_size), y.shape[-1], self.features))
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
         ratio = [o // i if o % i == 0 else 0 for o, i in zip(self.output_hw, y.shape[1:3])]
@@ -138,6 +135,25 @@ class ResizeConv(nn.Module):
         if tuple(y.shape[1:3]) != tuple(self.output_hw):
             y = nearest_resize(y, self.output_hw)
         return cpu_speed.add_bias(ops.conv(y, kernel, 1, "SAME"), bias)
+
+
+class Refine(nn.Module):
+    """``y + gate * conv(act(y), kernel, 1, "SAME")``, y: [N, h, w, C] -> the same shape: a
+    residual stride-1 conv with a He-normal kernel and a scalar ``gate`` that starts at 0
+    (ReZero, Bachlechner et al. 2021; SkipInit, De & Smith 2020), so the block starts as the
+    identity. Why a gate rather than a zero kernel: Adam moves every weight by about the
+    learning rate, so a zero-initialised kernel's first steps change its output by ~lr * fan-in
+    (9 * C numbers, up to 1,152 here) and blow up at the default 5e-3; the gate is one number,
+    whose step moves the branch's output by ~lr times a He-scaled conv."""
+
+    kernel_size: int | tuple[int, int]
+    activation: Any
+
+    @nn.compact
+    def __call__(self, y: jax.Array) -> jax.Array:
+        branch = ResizeConv(y.shape[-1], self.kernel_size, tuple(y.shape[1:3]), name="conv")
+        gate = self.param("gate", nn.initializers.zeros, ())
+        return y + gate * branch(self.activation(y))
 
 
 def resize_conv_as_transpose(kernel: jax.Array, strides: Sequence[int]):
@@ -273,8 +289,7 @@ class ConvAutoencoder(nn.Module):
                 if self.decoder == "resize_conv_deep":
                     # Refine at the coarse size, where a conv is s*s times cheaper than after
                     # the upsampling; zero-initialised so training starts from resize_conv.
-                    x = x + ResizeConv(features[i], kernel_size[i], tuple(x.shape[1:3]),
-                                       zero_init=True, name=f"decoder_{i}_refine")(act(x))
+                    x = Refine(kernel_size[i], act, name=f"decoder_{i}_refine")(x)
                 x = ResizeConv(channels[i], kernel_size[i], sizes[i], name=f"decoder_{i}")(x)
             if i > 0:
                 x = act(x)

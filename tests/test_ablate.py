@@ -266,7 +266,7 @@ BAD_SETS = [
     (["ablation.seeds=[]"], r"ablation\.seeds=\[\]: need at least one seed"),
     (["ablation.seeds=[0,2,0]"], r"ablation\.seeds=\[0, 2, 0\]: seed 0 appears twice"),
     (["ablation.seeds=[1,-1]"], r"ablation\.seeds\[1\]=-1: must be >= 0"),
-    (["ablation.seeds=[true]"], r"ablation\.seeds\[0\]=True: expected int"),
+    (["ablation.seeds=[true]"], r"ablation\.seeds\[0\]=true: expected int"),
     (["model.tied=false"], r"--set model\.tied: set by the sweep"),
     (["model.decoder=resize_conv"], r"--set model\.decoder: set by the sweep; list decoders in "
                                     r"ablation\.variants$"),
@@ -346,7 +346,7 @@ def test_tied_and_seed_in_the_file_are_dropped_with_a_note(tmp_path):
     notes = []
     base, sweep = ablate.load_ablation_config(path, ["ablation.seeds=[4,5]"], note=notes.append)
     assert sweep.seeds == [4, 5] and base.model.features == [8] and base.train.epochs == 1
-    assert len(notes) == 2 and "model.tied=False" in notes[0] and "train.seed=7" in notes[1]
+    assert len(notes) == 2 and "model.tied=false" in notes[0] and "train.seed=7" in notes[1]
     runs = ablate.plan_runs(base, sweep)
     assert [(r.name, r.cfg.model.tied, r.cfg.train.seed) for r in runs] == [
         ("tied_seed4", True, 4), ("untied_seed4", False, 4),
@@ -375,7 +375,7 @@ def test_decoder_in_the_file_is_dropped_with_a_note_and_variants_plan_the_runs(t
     notes = []
     base, sweep = ablate.load_ablation_config(path, note=notes.append)
     assert sweep.variants == ["resize_conv_deep", "untied", "resize_conv"]
-    assert len(notes) == 2 and "model.tied=False" in notes[0]
+    assert len(notes) == 2 and "model.tied=false" in notes[0]
     assert notes[1] == (f"note: model.decoder='resize_conv' in {path} is not used: set by the "
                         "sweep; list decoders in ablation.variants")
     runs = ablate.plan_runs(base, sweep)

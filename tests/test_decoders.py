@@ -83,7 +83,7 @@ def test_parameter_counts(geometry, code_size):
         assert untied == sum(2 * k * k * a * b + a + b
                              for k, a, b in zip(ks, chans[:-1], chans[1:]))
     deep = _shapes(_model(geometry, "resize_conv_deep", code_size=code_size), shape)
-    extra = sum(k * k * f * f + f for k, f in zip(ks, features))
+    extra = sum(k * k * f * f + f + 1 for k, f in zip(ks, features))  # kernel, bias, gate
     assert _count(deep) - _count(resize) == extra
     assert ("decoder_0_refine" in deep) and ("decoder_0_refine" not in resize)
 
@@ -97,7 +97,7 @@ def test_default_recipe_parameter_counts():
     assert counts == {("mirror", True): 158465, ("mirror", False): 316449,
                       ("resize_conv", False): 316449,
                       ("resize_conv_deep", False): 316449 + 9 * (32 ** 2 + 64 ** 2 + 128 ** 2)
-                      + 32 + 64 + 128}
+                      + 32 + 64 + 128 + 3}
 
 
 def test_resize_conv_layer_is_nearest_upsampling_then_a_stride_1_conv():
@@ -115,7 +115,8 @@ def test_resize_conv_layer_is_nearest_upsampling_then_a_stride_1_conv():
 
 
 def test_deep_decoder_starts_as_resize_conv():
-    """The refine convs are zero-initialised: at init the deep decoder computes resize_conv."""
+    """The refine blocks' gates start at 0: at init the deep decoder computes resize_conv, while
+    the refine kernels are He-normal (not zero), so a gate that leaves 0 switches a real conv on."""
     geometry = GEOMETRIES[2]
     shape = geometry[0]
     deep, plain = _model(geometry, "resize_conv_deep"), _model(geometry, "resize_conv")
@@ -123,13 +124,31 @@ def test_deep_decoder_starts_as_resize_conv():
     with jax.threefry_partitionable(False):
         params = deep.init(jax.random.key(0), x)["params"]
     for i in range(len(geometry[1])):
-        assert not np.any(params[f"decoder_{i}_refine"]["kernel"])
+        refine = params[f"decoder_{i}_refine"]
+        assert float(refine["gate"]) == 0.0
+        kernel = np.asarray(refine["conv"]["kernel"])
+        fan_in = kernel.shape[0] * kernel.shape[1] * kernel.shape[2]
+        assert 0.5 < kernel.std() * np.sqrt(fan_in / 2.0) < 1.2  # He-normal (truncated)
     shared = {k: v for k, v in params.items() if not k.endswith("_refine")}
     np.testing.assert_allclose(deep.apply({"params": params}, x),
                                plain.apply({"params": shared}, x), rtol=1e-6, atol=1e-6)
-    # and the refine kernels get a gradient, so they can leave zero
-    grads = jax.grad(lambda p: jnp.sum(deep.apply({"params": p}, x) ** 2))(params)
-    assert float(jnp.abs(grads["decoder_1_refine"]["kernel"]).max()) > 0
+    # the gates get a gradient at 0, and with a gate open the kernel gets one
+    loss = lambda p: jnp.sum(deep.apply({"params": p}, x) ** 2)  # noqa: E731
+    assert float(jnp.abs(jax.grad(loss)(params)["decoder_1_refine"]["gate"])) > 0
+    opened = jax.tree_util.tree_map_with_path(
+        lambda path, v: jnp.full_like(v, 0.1) if path[-1].key == "gate" else v, params)
+    assert float(jnp.abs(jax.grad(loss)(opened)["decoder_1_refine"]["conv"]["kernel"]).max()) > 0
+
+
+def test_refine_block_is_the_input_plus_the_gated_conv():
+    rng = np.random.default_rng(3)
+    y = jnp.asarray(rng.normal(size=(2, 5, 6, 4)), jnp.float32)
+    block = models.Refine(3, jax.nn.relu)
+    params = _init(block, y)
+    params = {**params, "gate": jnp.float32(0.7)}
+    conv = ops.conv(jax.nn.relu(y), params["conv"]["kernel"], 1, "SAME") + params["conv"]["bias"]
+    np.testing.assert_allclose(block.apply({"params": params}, y), y + 0.7 * conv,
+                               rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("decoder", NON_MIRROR)
@@ -138,7 +157,7 @@ def test_tying_a_decoder_without_encoder_kernels_is_a_one_line_config_error(deco
         config.from_dict({"model": {"decoder": decoder}})  # tied defaults to true
     message = str(err.value)
     assert "\n" not in message
-    assert message.startswith(f"model.tied=True: model.decoder={decoder!r} has no encoder "
+    assert message.startswith(f"model.tied=true: model.decoder={decoder!r} has no encoder "
                               "kernel to share")
     assert "model.tied=false" in message
     cfg = config.from_dict({"model": {"decoder": decoder, "tied": False}})

@@ -106,7 +106,7 @@ def test_shipped_models_parameter_counts():
     geometry = GEOMETRIES[0]
     assert _count(jax.eval_shape(_model(geometry, True).init, jax.random.key(0), x)) == 28145
     assert _count(jax.eval_shape(_model(geometry, False).init, jax.random.key(0), x)) == 56081
-    # configs/mnist_tied.yaml (default): 32, 128 channels (7x7x128 code). Tied: kernels
+    # configs/mnist_tied_wide.yaml: 32, 128 channels (7x7x128 code). Tied: kernels
     # 9*1*32 + 9*32*128, encoder biases 32 + 128, decoder biases 32 + 1; untied adds the kernels.
     geometry = ((28, 28, 1), (32, 128), (3, 3), (2, 2), (1, 1))
     kernels = 9 * 1 * 32 + 9 * 32 * 128
