@@ -44,8 +44,9 @@ from cae import cpu_speed, ops
 from cae import nn as cae_nn
 
 __all__ = ["ConvAutoencoder", "strided_conv", "transposed_conv", "ResizeConv", "Refine",
-           "ACTIVATIONS", "DECODERS", "TIEABLE_DECODERS", "layer_sizes", "layer_plan", "code_shape",
-           "kernel_hw", "covers_input", "nearest_resize", "overlap_maps", "resize_conv_as_transpose"]
+           "ACTIVATIONS", "DECODERS", "TIEABLE_DECODERS", "layer_sizes", "layer_plan",
+           "code_shape", "kernel_hw", "covers_input", "nearest_resize", "overlap_maps",
+           "resize_conv_as_transpose"]
 
 # model.decoder's names. Only "mirror" has an encoder kernel for each decoder layer to share.
 DECODERS = ("mirror", "resize_conv", "resize_conv_deep")
