@@ -9,6 +9,7 @@ rerun (reuse), resumed and refused with another config.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -409,6 +410,23 @@ def test_the_decoder_sweep_config_plans_every_variant_at_every_size():
     with pytest.raises(config.ConfigError, match=r"^train\.code_lr_reference=32: .* it needs "
                                                  r"model\.code_size \(now null\)"):
         ablate.load_ablation_config(path, ["ablation.code_sizes=null"], note=lambda s: None)
+
+
+def test_the_long_decoder_sweep_is_the_default_recipe_for_every_decoder():
+    """configs/ablation_decoders_long.yaml trains exactly configs/mnist_tied.yaml's recipe (its
+    train and model sections, the whole train split) at the bar's sizes; the sweep sets only
+    the decoder, tying, code size and seed."""
+    path = REPO / "configs" / "ablation_decoders_long.yaml"
+    base, sweep = ablate.load_ablation_config(path, note=lambda s: pytest.fail(s))
+    default = config.load_config(REPO / "configs" / "mnist_tied.yaml")
+    runs = ablate.plan_runs(base, sweep)
+    assert [r.name for r in runs] == [f"code{k}_{v}_seed0" for k in (8, 64, 256) for v in
+                                      ("tied", "untied", "resize_conv", "resize_conv_deep")]
+    for r in runs:
+        assert dataclasses.replace(r.cfg.train, linear_probe=True) == default.train
+        assert r.cfg.data == default.data and r.cfg.data.max_train_examples is None
+        assert dataclasses.replace(r.cfg.model, code_size=32, tied=True,
+                                   decoder="mirror") == default.model
 
 
 def test_unusable_output_dirs_are_refused_before_training(capsys, tmp_path):
